@@ -1,0 +1,38 @@
+"""ifjax: Intra-Fusion (Theus et al., ICLR 2024) structured pruning as pure functions on Flax pytrees.
+
+>>> import ifjax
+>>> sorted(n for n in ifjax.__all__ if not n.startswith("_"))[:4]
+['BatchNormPair', 'ConvergenceWarning', 'Group', 'GroupPlan']
+"""
+
+from ifjax import importance
+from ifjax._batchnorm import fold_batchnorm
+from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
+from ifjax._spec import BatchNormPair, Group, Member, Spec, widths
+from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormPair",
+    "ConvergenceWarning",
+    "Group",
+    "GroupPlan",
+    "Member",
+    "Plan",
+    "Spec",
+    "Transport",
+    "apply_plan",
+    "fold_batchnorm",
+    "importance",
+    "intra_fuse",
+    "kept_count",
+    "kmeans",
+    "pairwise_distance",
+    "plan",
+    "prune",
+    "solve_exact",
+    "solve_sinkhorn",
+    "transport_maps",
+    "widths",
+]

@@ -1,0 +1,78 @@
+"""Folding inference-mode BatchNorm into the layer before it (paper Eq. 1, with eps)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ifjax._spec import Spec, Variables, flatten, unflatten
+
+
+def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
+  """Folds every BatchNorm of ``spec.batchnorms`` into its preceding layer.
+
+  With ``s = scale / sqrt(var + eps)`` the layer's kernel (out axis last, the
+  Flax layout) becomes ``kernel * s`` and the shift ``bias_bn - mean * s`` moves
+  into the layer's bias. A layer without a bias keeps the shift in the BN's own
+  ``bias``, so the module structure never changes. The BN is left as an exact
+  identity on its input (``mean = 0``, ``var = 1 - eps``, ``scale = 1``, plus
+  that bias when the layer has none), so ``apply(..., train=False)`` gives the
+  same outputs to float tolerance. Computed in float32, returned in each
+  array's dtype; the input is not modified.
+
+  >>> import jax.numpy as jnp, ifjax
+  >>> v = {"params": {"fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+  ...                 "bn": {"scale": jnp.full(3, 2.), "bias": jnp.ones(3)}},
+  ...      "batch_stats": {"bn": {"mean": jnp.ones(3), "var": jnp.full(3, 4. - 1e-5)}}}
+  >>> spec = ifjax.Spec(groups=(), batchnorms=[("fc", "bn")])
+  >>> f = ifjax.fold_batchnorm(v, spec)
+  >>> f["params"]["fc"]["kernel"][0].tolist(), f["params"]["fc"]["bias"].tolist()
+  ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+  """
+  flat = dict(flatten(variables))
+  for pair in spec.batchnorms:
+    kp, bp = f"params/{pair.layer}/kernel", f"params/{pair.layer}/bias"
+    sp, sb = f"params/{pair.bn}/scale", f"params/{pair.bn}/bias"
+    mp, vp = f"batch_stats/{pair.bn}/mean", f"batch_stats/{pair.bn}/var"
+    for p in (kp, mp, vp):
+      if p not in flat:
+        raise ValueError(f"batchnorm pair {tuple(pair)!r}: missing {p!r}")
+    kernel = flat[kp]
+    f32 = lambda p, default: jnp.asarray(flat[p], jnp.float32) if p in flat else default
+    mean, var = f32(mp, None), f32(vp, None)
+    scale, shift = f32(sp, 1.0), f32(sb, 0.0)
+    if jnp.shape(mean)[0] != kernel.shape[-1]:
+      raise ValueError(f"batchnorm pair {tuple(pair)!r}: {mp} has {jnp.shape(mean)[0]} channels, "
+                       f"{kp} has {kernel.shape[-1]} outputs")
+    s = scale * jnp.reciprocal(jnp.sqrt(var + pair.eps))
+    flat[kp] = (jnp.asarray(kernel, jnp.float32) * s).astype(kernel.dtype)
+    new_shift = shift - mean * s
+    if bp in flat:
+      b = flat[bp]
+      flat[bp] = (jnp.asarray(b, jnp.float32) * s + new_shift).astype(b.dtype)
+      new_shift = jnp.zeros_like(mean)
+    elif sb not in flat:
+      raise ValueError(f"batchnorm pair {tuple(pair)!r}: the layer has no bias and the BN has no bias, "
+                       "so the BN's shift (bias - mean * scale / sqrt(var + eps)) has nowhere to go")
+    if sb in flat:
+      flat[sb] = jnp.broadcast_to(new_shift, jnp.shape(flat[sb])).astype(flat[sb].dtype)
+    if sp in flat:
+      flat[sp] = jnp.ones_like(flat[sp])
+    flat[mp] = jnp.zeros_like(flat[mp])
+    flat[vp] = jnp.full_like(flat[vp], 1.0 - pair.eps)
+  return unflatten(flat)
+
+
+def bn_paths(spec: Spec, layer: str) -> dict[str, str]:
+  """Per-channel BN arrays that follow ``layer`` (a module path): ``{path: role}``.
+
+  Roles: ``"shift"`` for the BN bias (fused like a producer bias), ``"identity"``
+  for scale / mean / var, which are constants after folding.
+  """
+  out = {}
+  for pair in spec.batchnorms:
+    if pair.layer == layer:
+      out[f"params/{pair.bn}/bias"] = "shift"
+      out[f"params/{pair.bn}/scale"] = "identity"
+      out[f"batch_stats/{pair.bn}/mean"] = "identity"
+      out[f"batch_stats/{pair.bn}/var"] = "identity"
+  return out

@@ -1,0 +1,333 @@
+"""Intra-Fusion: plan the per-group OT maps, then apply them to the variables.
+
+For a group of n neurons keeping m = floor(n * (1 - ratio)):
+
+* ``T`` (n, m) is the OT plan from all n neurons (source) to the m targets.
+* ``consumer_map`` (m, n) = ``T.T / T.sum(1)``: each source neuron's mass is fully
+  redistributed (columns sum to 1), so a fused consumer column is a *sum*.
+* ``producer_map`` (m, n): with ``normalization="paper"`` the same matrix as the
+  consumer map (the authors' code: fused producers are sums, total weight ~n/m);
+  with ``"barycentric"`` it is ``T.T / T.sum(0)`` (rows sum to 1), so a fused
+  producer is a weighted *average* of its sources, which keeps the next layer's
+  input unchanged when the merged neurons are duplicates.
+
+A producer axis becomes ``producer_map @ W`` along its neuron axis, a consumer
+axis ``consumer_map @ W``; plain pruning selects ``W[keep]`` on both.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifjax import _importance, _transport
+from ifjax._batchnorm import bn_paths, fold_batchnorm
+from ifjax._spec import Group, Member, Spec, Variables, flatten, unflatten
+
+
+class GroupPlan(NamedTuple):
+  """What happens to one group. All fields are arrays (or None), so a plan is a pytree.
+
+  Attributes:
+    keep: (m,) int32 indices of the kept neurons, ascending; None for the
+      ``cluster_centroid`` target, whose targets are not neurons.
+    importance: (n,) importance scores used for ranking and masses.
+    transport: (n, m) OT plan; None for plain pruning.
+    producer_map: (m, n) map applied to producer axes; None for plain pruning.
+    consumer_map: (m, n) map applied to consumer axes; None for plain pruning.
+    converged: () bool solver flag (True for plain pruning).
+    marginal_error: () float, max marginal violation of ``transport``.
+    iterations: () int, Sinkhorn iterations (0 for exact / pruning).
+  """
+
+  keep: jax.Array | None
+  importance: jax.Array
+  transport: jax.Array | None
+  producer_map: jax.Array | None
+  consumer_map: jax.Array | None
+  converged: jax.Array
+  marginal_error: jax.Array
+  iterations: jax.Array
+
+
+Plan = dict[str, GroupPlan]
+Ratio = float | Mapping[str | int, float]
+GroupSelection = str | int | Iterable[str | int] | None
+
+
+class ConvergenceWarning(UserWarning):
+  """Sinkhorn did not reach its threshold; see ``fallback=`` of :func:`plan`."""
+
+
+def kept_count(n: int, ratio: float) -> int:
+  """m = floor(n * (1 - ratio)), computed as the authors' code does (``int(n * (1 - s))``)."""
+  return int(n * (1 - ratio))
+
+
+def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
+         importance: Any = "l1", fuse: bool = True,
+         solver: Literal["exact", "sinkhorn"] = "exact",
+         target: Literal["most_important", "cluster_centroid"] = "most_important",
+         source_mass: Literal["uniform", "importance"] = "uniform",
+         target_mass: Literal["uniform", "importance"] = "uniform",
+         normalization: Literal["paper", "barycentric"] = "paper",
+         p: float = 1.0, include_bias: bool = False,
+         epsilon: float = 1e-3, threshold: float = 1e-4, max_iterations: int = 5000,
+         fallback: Literal["exact", "warn", "raise"] = "exact",
+         seed: int = 0) -> Plan:
+  """Computes, per selected group, the keep set, importance and (if ``fuse``) the OT maps.
+
+  Args:
+    variables: Flax variables ``{"params": ..., "batch_stats": ...}``; not modified.
+    spec: the group spec. BatchNorms in ``spec.batchnorms`` are folded first.
+    ratio: neuron sparsity per group in [0, 1), or ``{group name or paper index: ratio}``
+      (groups missing from the dict are left alone).
+    groups: names or paper indices (0 = closest to the output); None = all.
+    importance: "l1" | "l2" | "linf" | "lamp" | "random", a callable
+      ``fn(folded_variables, group) -> (n,)``, or precomputed ``{group: (n,) scores}``.
+    fuse: False gives plain pruning (keep the m most important, drop the rest).
+    solver: "exact" (POT EMD, the authors' solver) or "sinkhorn" (OTT-JAX).
+    target: "most_important" (the kept neurons) or "cluster_centroid" (k-means
+      centroids of the neuron vectors; the fused weights are still OT-weighted
+      combinations of the original neurons).
+    source_mass, target_mass: "uniform" or "importance" (scores / their sum; for
+      centroids, the summed importance of each cluster's members).
+    normalization: "paper" (sums on both sides) or "barycentric" (averaged
+      producers, summed consumers); see the module docstring.
+    p: the cost is the p-norm distance between L2-normalised neuron vectors.
+    include_bias: also put producer biases (and folded BN shifts) in the neuron
+      vectors, as the paper's text says; the authors' code leaves them out.
+    epsilon, threshold, max_iterations: Sinkhorn settings; ``epsilon`` is relative
+      to the largest cost of each group.
+    fallback: when Sinkhorn does not converge: "exact" re-solves that group with
+      the exact solver and warns; "warn" keeps the unconverged plan and warns;
+      "raise" raises ``RuntimeError``.
+    seed: seed for the k-means of ``cluster_centroid``.
+
+  Returns:
+    ``{group name: GroupPlan}`` in network order.
+  """
+  folded = fold_batchnorm(_checked(variables, spec), spec)
+  flat = flatten(folded)
+  sizes = spec.validate(folded)
+  ratios = _ratios(spec, ratio, groups)
+  score_fn = _importance.resolve(importance)
+  _check_choice("target", target, ("most_important", "cluster_centroid"))
+  _check_choice("source_mass", source_mass, ("uniform", "importance"))
+  _check_choice("target_mass", target_mass, ("uniform", "importance"))
+  _check_choice("normalization", normalization, ("paper", "barycentric"))
+  _check_choice("solver", solver, ("exact", "sinkhorn"))
+  _check_choice("fallback", fallback, ("exact", "warn", "raise"))
+  if not fuse and target != "most_important":
+    raise ValueError("plain pruning (fuse=False) keeps neurons; target must be 'most_important'")
+
+  prepared = {}
+  for g, r in ratios:
+    n = sizes[g.name]
+    m = kept_count(n, r)
+    if m < 1:
+      raise ValueError(f"group {g.name!r}: ratio {r} keeps floor({n} * (1 - {r})) = {m} of {n} neurons; "
+                       "at least one must remain")
+    scores = jnp.asarray(score_fn(folded, g), jnp.float32)
+    if scores.shape != (n,):
+      raise ValueError(f"importance for group {g.name!r} has shape {scores.shape}, expected ({n},)")
+    if not bool(jnp.all(jnp.isfinite(scores))):
+      raise ValueError(f"importance for group {g.name!r} has NaN or Inf values")
+    keep = jnp.sort(jnp.argsort(-scores, stable=True)[:m]).astype(jnp.int32)
+    prepared[g.name] = (g, n, m, scores, keep)
+
+  if not fuse:
+    return {name: GroupPlan(keep, scores, None, None, None, jnp.asarray(True), jnp.asarray(0.0, jnp.float32),
+                            jnp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items()}
+
+  problems = {}
+  for name, (g, n, m, scores, keep) in prepared.items():
+    x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
+    if (source_mass == "importance" or target_mass == "importance") and bool(jnp.any(scores < 0)):
+      raise ValueError(f"group {name!r}: importance masses need non-negative scores")
+    a = scores / jnp.sum(scores) if source_mass == "importance" else jnp.full((n,), 1.0 / n)
+    if target == "most_important":
+      y = x[keep]
+      b = scores[keep] if target_mass == "importance" else jnp.ones((m,))
+    else:
+      key = jax.random.fold_in(jax.random.key(seed), len(problems))
+      centroids, labels = _transport.kmeans(x, m, key)
+      y = _transport.normalize_rows(centroids)
+      b = jnp.zeros((m,)).at[labels].add(scores) if target_mass == "importance" else jnp.ones((m,))
+      keep = None
+      prepared[name] = (g, n, m, scores, keep)
+    if float(jnp.sum(b)) <= 0 or float(jnp.sum(a)) <= 0:
+      raise ValueError(f"group {name!r}: importance masses sum to zero")
+    problems[name] = (_transport.pairwise_distance(x, y, p=float(p)), a, b / jnp.sum(b))
+
+  names = list(problems)
+  if solver == "exact":
+    solved = [_transport.solve_exact(*problems[k]) for k in names]
+  else:
+    solved = _transport.solve_sinkhorn([problems[k] for k in names], epsilon=epsilon, threshold=threshold,
+                                       max_iterations=max_iterations)
+  out = {}
+  for name, t in zip(names, solved):
+    if not bool(t.converged) or not bool(jnp.all(jnp.isfinite(t.matrix))):
+      msg = (f"group {name!r}: {solver} OT did not converge (marginal error {float(t.marginal_error):.2e} after "
+             f"{int(t.iterations)} iterations)")
+      if fallback == "raise" or solver == "exact":
+        raise RuntimeError(msg)
+      if fallback == "exact":
+        warnings.warn(msg + "; falling back to the exact solver for this group", ConvergenceWarning, stacklevel=2)
+        t = _transport.solve_exact(*problems[name])
+      else:
+        warnings.warn(msg + "; keeping the unconverged plan", ConvergenceWarning, stacklevel=2)
+    g, n, m, scores, keep = prepared[name]
+    out[name] = GroupPlan(keep, scores, t.matrix, *transport_maps(t.matrix, normalization), t.converged,
+                          t.marginal_error, t.iterations)
+  return out
+
+
+def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Array]:
+  """(n, m) plan -> (producer_map, consumer_map), each (m, n). See the module docstring."""
+  row = jnp.sum(t, axis=1)  # source masses as the plan has them
+  consumer = (t / jnp.where(row > 0, row, 1.0)[:, None]).T
+  if normalization == "paper":
+    return consumer, consumer
+  col = jnp.sum(t, axis=0)
+  return (t / jnp.where(col > 0, col, 1.0)[None, :]).T, consumer
+
+
+def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, include_bias: bool) -> jax.Array:
+  """(n, d): per neuron, its producer rows and consumer columns concatenated (the OT features)."""
+  rows = [_importance.member_rows(flat, m, n) for m in _importance.weight_members(flat, group)]
+  if include_bias:
+    rows += [_importance.member_rows(flat, m, n) for m in _bias_members(flat, spec, group)]
+  return jnp.concatenate(rows, axis=1)
+
+
+def _bias_members(flat, spec: Spec, group: Group) -> list[Member]:
+  out = [m for m in group.producers if np.ndim(flat[m.path]) == 1]
+  for path, role in _derived_bn(spec, group).items():
+    if role == "shift" and path in flat:
+      out.append(Member(path, 0))
+  return out
+
+
+def _derived_bn(spec: Spec, group: Group) -> dict[str, str]:
+  """Per-channel BN arrays of the group's producers (see :func:`bn_paths`)."""
+  out = {}
+  for m in group.producers:
+    if m.path.startswith("params/") and m.path.endswith("/kernel"):
+      out.update(bn_paths(spec, m.path[len("params/"):-len("/kernel")]))
+  return out
+
+
+def apply_plan(variables: Variables, spec: Spec, plan: Plan) -> dict:
+  """New variables with every planned group reduced to its m neurons. Jit-able with ``spec`` static.
+
+  BatchNorms are folded first; the folded (identity) BN arrays of a group's
+  producers are cut to m entries, and a BN that carries a folded shift has it
+  fused like a producer bias.
+  """
+  folded = fold_batchnorm(variables, spec)
+  flat = flatten(folded)
+  by_name = {g.name: g for g in spec.groups}
+  edits: dict[tuple[str, int], list[tuple[int, int, str, GroupPlan]]] = {}
+  for name, gp in plan.items():
+    if name not in by_name:
+      raise ValueError(f"plan has group {name!r}, which the spec does not have ({list(by_name)})")
+    g = by_name[name]
+    n = gp.importance.shape[0]
+    for m in g.producers:
+      edits.setdefault((m.path, m.axis % np.ndim(flat[m.path])), []).append((m.offset, n, "producer", gp))
+    for m in g.consumers:
+      edits.setdefault((m.path, m.axis % np.ndim(flat[m.path])), []).append((m.offset, n, "consumer", gp))
+    for path, role in _derived_bn(spec, g).items():
+      if path in flat:
+        edits.setdefault((path, 0), []).append((0, n, "producer" if role == "shift" else "identity", gp))
+  for (path, axis), segs in edits.items():
+    flat[path] = _edit_axis(flat[path], axis, sorted(segs, key=lambda s: s[0]))
+  return unflatten(flat)
+
+
+def _edit_axis(arr: jax.Array, axis: int, segs) -> jax.Array:
+  """Replaces segments [offset, offset + n) of ``axis`` by their m reduced entries."""
+  x = jnp.moveaxis(jnp.asarray(arr), axis, 0)
+  pieces, pos = [], 0
+  for offset, n, role, gp in segs:
+    pieces.append(x[pos:offset])
+    seg = x[offset:offset + n]
+    m = (gp.keep if gp.keep is not None else gp.producer_map).shape[0]
+    if role == "identity":  # constant after BN folding
+      pieces.append(seg[gp.keep] if gp.keep is not None else seg[:m])
+    elif gp.producer_map is None:
+      pieces.append(seg[gp.keep])
+    else:
+      mat = gp.producer_map if role == "producer" else gp.consumer_map
+      fused = jnp.tensordot(mat, seg.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+      pieces.append(fused.astype(arr.dtype))
+    pos = offset + n
+  pieces.append(x[pos:])
+  return jnp.moveaxis(jnp.concatenate(pieces, axis=0), 0, axis)
+
+
+def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
+               importance: Any = "l1", solver: str = "exact", target: str = "most_important",
+               source_mass: str = "uniform", target_mass: str = "uniform", normalization: str = "paper",
+               p: float = 1.0, **options) -> dict:
+  """Intra-Fusion: every neuron of each selected group is fused into the m survivors by OT.
+
+  Equal to ``apply_plan(variables, spec, plan(variables, spec, ratio, ...))``; see
+  :func:`plan` for the arguments. Returns new, smaller variables with the BNs folded.
+  """
+  pl = plan(variables, spec, ratio, groups=groups, importance=importance, solver=solver, target=target,
+            source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p, **options)
+  return apply_plan(variables, spec, pl)
+
+
+def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
+          importance: Any = "l1") -> dict:
+  """Default structured pruning (the paper's baseline): keep the m most important neurons of each group."""
+  return apply_plan(variables, spec, plan(variables, spec, ratio, groups=groups, importance=importance, fuse=False))
+
+
+# -- input checks ------------------------------------------------------------------
+def _check_choice(what: str, value: str, options: tuple[str, ...]):
+  if value not in options:
+    raise ValueError(f"{what} must be one of {options}, got {value!r}")
+
+
+def _checked(variables: Variables, spec: Spec) -> Variables:
+  """Rejects integer or non-finite arrays among the spec's members and folded BNs."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError("variables must be a Flax variables dict with a 'params' collection, "
+                     f"got {type(variables).__name__}" + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else ""))
+  flat = flatten(variables)
+  spec.validate(variables)
+  paths = {m.path for g in spec.groups for m in g.members}
+  for b in spec.batchnorms:
+    paths |= {f"params/{b.layer}/kernel", f"batch_stats/{b.bn}/mean", f"batch_stats/{b.bn}/var"}
+    paths |= {p for p in (f"params/{b.layer}/bias", f"params/{b.bn}/scale", f"params/{b.bn}/bias") if p in flat}
+  for path in sorted(paths):
+    arr = flat[path]
+    dtype = jnp.asarray(arr).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{path!r} has dtype {dtype}; Intra-Fusion needs floating-point parameters")
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(arr, jnp.float32)))):
+      raise ValueError(f"{path!r} contains NaN or Inf")
+  return variables
+
+
+def _ratios(spec: Spec, ratio: Ratio, groups: GroupSelection) -> list[tuple[Group, float]]:
+  selected = spec.select(groups)
+  if isinstance(ratio, Mapping):
+    per = {spec[k].name: v for k, v in ratio.items()}
+    pairs = [(g, per[g.name]) for g in selected if g.name in per]
+  else:
+    pairs = [(g, ratio) for g in selected]
+  for g, r in pairs:
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
+      raise ValueError(f"ratio for group {g.name!r} must be a number in [0, 1), got {r!r}")
+  return [(g, float(r)) for g, r in pairs]

@@ -1,0 +1,248 @@
+"""Group specs: which array axes hold the neurons of each coupled group.
+
+A *group* is a set of channels that must be pruned together. Its ``producers``
+hold the neurons on the output side (a kernel's out axis, a bias) and its
+``consumers`` on the input side (the next kernel's in axis). Each member is a
+``(path, axis)`` or ``(path, axis, offset)`` triple; ``path`` is a "/"-joined key
+path into the variables dict, e.g. ``"params/conv0/kernel"``.
+
+``Spec.groups`` are stored in *network order* (input to output); the paper's
+numbering counts from the output, so ``paper_index = len(groups) - 1 - position``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Variables = Mapping[str, Any]
+
+DEFAULT_BN_EPS = 1e-5  # flax.linen.BatchNorm's default epsilon.
+
+
+class Member(NamedTuple):
+  """One array axis of a group: entries ``offset .. offset + n - 1`` of ``axis``."""
+
+  path: str
+  axis: int
+  offset: int = 0
+
+
+class BatchNormPair(NamedTuple):
+  """A BatchNorm at module path ``bn`` that directly follows the layer at ``layer``."""
+
+  layer: str
+  bn: str
+  eps: float = DEFAULT_BN_EPS
+
+
+def _as_member(m: Any) -> Member:
+  if isinstance(m, Member):
+    return m
+  if isinstance(m, str) or not isinstance(m, Sequence) or len(m) not in (2, 3):
+    raise ValueError(f"a group member must be (path, axis) or (path, axis, offset), got {m!r}")
+  path, axis, *rest = m
+  if not isinstance(path, str) or not isinstance(axis, (int, np.integer)):
+    raise ValueError(f"a group member must be (str path, int axis[, int offset]), got {m!r}")
+  offset = int(rest[0]) if rest else 0
+  if offset < 0:
+    raise ValueError(f"member {path!r}: offset must be >= 0, got {offset}")
+  return Member(path, int(axis), offset)
+
+
+def _module_path(p: str) -> str:
+  """Strips a leading collection name: ``params/conv0`` -> ``conv0``."""
+  for coll in ("params/", "batch_stats/"):
+    if p.startswith(coll):
+      return p[len(coll):]
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """A set of coupled neurons. Members are normalised to :class:`Member` tuples."""
+
+  name: str
+  producers: tuple[Member, ...]
+  consumers: tuple[Member, ...] = ()
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"group name must be a non-empty string, got {self.name!r}")
+    object.__setattr__(self, "producers", tuple(_as_member(m) for m in self.producers))
+    object.__setattr__(self, "consumers", tuple(_as_member(m) for m in self.consumers))
+    if not self.producers:
+      raise ValueError(f"group {self.name!r} has no producers")
+
+  @property
+  def members(self) -> tuple[Member, ...]:
+    return self.producers + self.consumers
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Groups (network order) plus the BatchNorms to fold into their layers."""
+
+  groups: tuple[Group, ...]
+  batchnorms: tuple[BatchNormPair, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "groups", tuple(self.groups))
+    bns = []
+    for b in self.batchnorms:
+      if isinstance(b, BatchNormPair):
+        bns.append(b)
+      elif isinstance(b, Sequence) and len(b) in (2, 3) and all(isinstance(x, str) for x in b[:2]):
+        bns.append(BatchNormPair(_module_path(b[0]), _module_path(b[1]), *map(float, b[2:])))
+      else:
+        raise ValueError(f"a batchnorm entry must be (layer_prefix, bn_prefix[, eps]), got {b!r}")
+    object.__setattr__(self, "batchnorms", tuple(bns))
+    names = [g.name for g in self.groups]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+      raise ValueError(f"duplicate group names: {dup}")
+
+  # -- lookup ---------------------------------------------------------------
+  def paper_index(self, name: str) -> int:
+    """The paper's group number (0 = the group closest to the output)."""
+    return len(self.groups) - 1 - self.names.index(name)
+
+  @property
+  def names(self) -> list[str]:
+    return [g.name for g in self.groups]
+
+  def __getitem__(self, key: str | int) -> Group:
+    """A group by name, or by the paper's index (0 = closest to the output)."""
+    return self.groups[self._position(key)]
+
+  def _position(self, key: str | int) -> int:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+      if not 0 <= key < len(self.groups):
+        raise ValueError(f"paper group index {key} out of range: the spec has {len(self.groups)} groups (0..{len(self.groups) - 1})")
+      return len(self.groups) - 1 - int(key)
+    if isinstance(key, str):
+      try:
+        return self.names.index(key)
+      except ValueError:
+        raise ValueError(f"unknown group {key!r}; groups are {self.names}") from None
+    raise ValueError(f"a group is selected by name (str) or paper index (int), got {key!r}")
+
+  def select(self, groups: str | int | Iterable[str | int] | None) -> list[Group]:
+    """Groups by name or paper index, in network order; ``None`` selects all."""
+    if groups is None:
+      return list(self.groups)
+    if isinstance(groups, (str, int, np.integer)):
+      groups = [groups]
+    pos = sorted({self._position(g) for g in groups})
+    return [self.groups[p] for p in pos]
+
+  # -- JSON -----------------------------------------------------------------
+  def to_json(self) -> str:
+    return json.dumps({
+        "groups": [{"name": g.name, "producers": [list(m) for m in g.producers],
+                    "consumers": [list(m) for m in g.consumers]} for g in self.groups],
+        "batchnorms": [list(b) for b in self.batchnorms],
+    }, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> Spec:
+    d = json.loads(text)
+    return cls(tuple(Group(g["name"], g["producers"], g.get("consumers", ())) for g in d["groups"]),
+               tuple(tuple(b) for b in d.get("batchnorms", ())))
+
+  # -- validation -----------------------------------------------------------
+  def validate(self, variables: Variables) -> dict[str, int]:
+    """Checks the spec against ``variables``; returns ``{group name: neuron count}``.
+
+    An array axis claimed by one group must belong to it whole; an axis shared by
+    several groups (concatenation) is split into non-overlapping segments at
+    their offsets. Raises ``ValueError`` naming the path and sizes on any mismatch.
+    """
+    flat = flatten(variables)
+    owners: dict[tuple[str, int], list[tuple[Group, Member]]] = {}
+    for g in self.groups:
+      for m in g.members:
+        arr = _lookup(flat, m.path, f"group {g.name!r}")
+        nd = np.ndim(arr)
+        if not -nd <= m.axis < nd:
+          raise ValueError(f"group {g.name!r}: axis {m.axis} is out of range for {m.path!r} with shape {np.shape(arr)}")
+        owners.setdefault((m.path, m.axis % nd), []).append((g, m))
+    sizes: dict[str, int] = {}
+    for g in self.groups:  # the neuron count comes from the first member owning a whole axis
+      for m in g.members:
+        key = (m.path, m.axis % np.ndim(flat[m.path]))
+        if len(owners[key]) == 1:
+          sizes[g.name] = np.shape(flat[m.path])[m.axis] - m.offset
+          first = m
+          break
+      else:
+        raise ValueError(f"group {g.name!r}: every member shares its axis with another group, so its neuron count "
+                         "is undefined; give it one member (e.g. a producer kernel) that it owns whole")
+      for m in g.members:
+        length = np.shape(flat[m.path])[m.axis]
+        key = (m.path, m.axis % np.ndim(flat[m.path]))
+        whole = len(owners[key]) == 1
+        if (whole and (m.offset != 0 or length != sizes[g.name])) or m.offset + sizes[g.name] > length:
+          raise ValueError(
+              f"group {g.name!r}: members disagree on the neuron count: {first.path!r} axis {first.axis} gives "
+              f"{sizes[g.name]}, but {m.path!r} axis {m.axis} has {length} entries (offset {m.offset})")
+    for (path, axis), segs in owners.items():
+      if len(segs) > 1:
+        spans = sorted((m.offset, m.offset + sizes[g.name], g.name) for g, m in segs)
+        for (a0, a1, ga), (b0, b1, gb) in zip(spans, spans[1:]):
+          if b0 < a1:
+            raise ValueError(f"{path!r} axis {axis}: segments of groups {ga!r} [{a0}, {a1}) and {gb!r} [{b0}, {b1}) overlap")
+    for b in self.batchnorms:
+      k = _lookup(flat, f"params/{b.layer}/kernel", f"batchnorm pair {tuple(b)!r}")
+      for stat in ("mean", "var"):
+        s = _lookup(flat, f"batch_stats/{b.bn}/{stat}", f"batchnorm pair {tuple(b)!r}")
+        if np.shape(s) != (np.shape(k)[-1],):
+          raise ValueError(f"batchnorm pair {tuple(b)!r}: batch_stats/{b.bn}/{stat} has shape {np.shape(s)} "
+                           f"but params/{b.layer}/kernel has {np.shape(k)[-1]} output channels")
+    return sizes
+
+
+def _lookup(flat: Mapping[str, Any], path: str, where: str):
+  if path not in flat:
+    close = [k for k in flat if k.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]][:5]
+    hint = f"; arrays with that leaf name: {close}" if close else ""
+    raise ValueError(f"{where}: unknown path {path!r}{hint}")
+  return flat[path]
+
+
+# -- pytree helpers ------------------------------------------------------------
+def flatten(variables: Variables) -> dict[str, Any]:
+  """Nested dict -> ``{"a/b/c": leaf}`` (insertion order)."""
+  out = {}
+
+  def rec(d, prefix):
+    for k, v in d.items():
+      p = f"{prefix}/{k}" if prefix else str(k)
+      if isinstance(v, Mapping):
+        rec(v, p)
+      else:
+        out[p] = v
+
+  rec(variables, "")
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """``{"a/b/c": leaf}`` -> nested plain dicts."""
+  out: dict[str, Any] = {}
+  for p, v in flat.items():
+    d = out
+    *head, last = p.split("/")
+    for k in head:
+      d = d.setdefault(k, {})
+    d[last] = v
+  return out
+
+
+def widths(variables: Variables, spec: Spec) -> dict[str, int]:
+  """``{group name: neuron count}``: pass as ``widths=`` to a zoo model to rebuild it at this size."""
+  return spec.validate(variables)

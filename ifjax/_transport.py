@@ -1,0 +1,169 @@
+"""Ground cost between neurons and the OT solvers that turn it into a transport map.
+
+Shapes: ``n`` source neurons, ``m`` targets, ``d`` features per neuron.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Elements of one (chunk, m, d) difference block for the p-norm cost; bounds memory.
+_COST_BLOCK_ELEMENTS = 1 << 24
+
+
+class Transport(NamedTuple):
+  """An OT plan and its diagnostics.
+
+  Attributes:
+    matrix: (n, m) plan with row sums ~ source mass and column sums ~ target mass.
+    converged: () bool. Always True for the exact solver unless the LP failed.
+    marginal_error: () float, max absolute violation of either marginal.
+    iterations: () int, Sinkhorn iterations (0 for the exact solver).
+  """
+
+  matrix: jax.Array
+  converged: jax.Array
+  marginal_error: jax.Array
+  iterations: jax.Array
+
+
+def normalize_rows(x: jax.Array) -> jax.Array:
+  """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN)."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.where(norm > 0, norm, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
+  """(n, d), (m, d) -> (n, m) p-norm distances ``||x_i - y_j||_p`` (``torch.cdist``).
+
+  Evaluated in row chunks so that no (n, m, d) array is materialised.
+  """
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  if p == 2:
+    sq = (jnp.sum(x * x, 1)[:, None] + jnp.sum(y * y, 1)[None, :]
+          - 2 * jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST))
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+  chunk = max(1, _COST_BLOCK_ELEMENTS // max(1, y.shape[0] * y.shape[1]))
+
+  def row(xi):
+    diff = jnp.abs(xi[None, :] - y)
+    if math.isinf(p):
+      return jnp.max(diff, axis=-1)
+    return jnp.sum(diff**p, axis=-1) ** (1.0 / p)
+
+  return jax.lax.map(row, x, batch_size=min(chunk, x.shape[0]))
+
+
+def _marginal_error(t, a, b):
+  return jnp.maximum(jnp.max(jnp.abs(t.sum(1) - a)), jnp.max(jnp.abs(t.sum(0) - b)))
+
+
+def solve_exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> Transport:
+  """Exact EMD (POT's network simplex, ``ot.emd``), the authors' solver, in float64 on the host."""
+  import ot  # POT; imported lazily, it is only needed for the exact solver.
+
+  cost, a, b = (np.asarray(v, np.float64) for v in (cost, a, b))
+  a, b = a / a.sum(), b / b.sum()
+  t, log = ot.emd(a, b, cost, numItermax=max(100_000, 50 * cost.size), log=True)
+  ok = log["result_code"] == 1
+  return Transport(jnp.asarray(t, jnp.float32), jnp.asarray(ok), jnp.asarray(_marginal_error(t, a, b), jnp.float32),
+                   jnp.asarray(0))
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "max_iterations"))
+def _sinkhorn_batch(cost, a, b, epsilon, threshold, max_iterations):
+  """Batched Sinkhorn: (k, n, m) costs, (k, n) and (k, m) masses -> Transport with a leading k axis."""
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import sinkhorn
+
+  solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations)
+
+  def one(c, a_, b_):
+    scale = jnp.max(jnp.where((a_[:, None] > 0) & (b_[None, :] > 0), c, 0.0))
+    geom = geometry.Geometry(cost_matrix=c / jnp.where(scale > 0, scale, 1.0), epsilon=epsilon)
+    out = solver(linear_problem.LinearProblem(geom, a_, b_))
+    t = out.matrix
+    return Transport(t, out.converged, _marginal_error(t, a_, b_), out.n_iters)
+
+  return jax.vmap(one)(cost, a, b)
+
+
+def solve_sinkhorn(problems: Sequence[tuple[jax.Array, jax.Array, jax.Array]], *, epsilon: float = 1e-3,
+                   threshold: float = 1e-4, max_iterations: int = 5000) -> list[Transport]:
+  """Entropic OT (OTT-JAX Sinkhorn, jit-compiled) for many (cost, a, b) problems at once.
+
+  Costs are divided by their maximum, so ``epsilon`` is relative to the largest
+  cost. Problems are padded with zero-mass points to power-of-two buckets and
+  each bucket is solved in one vmapped call (one compilation per bucket shape).
+  """
+  buckets: dict[tuple[int, int], list[int]] = {}
+  for i, (c, _, _) in enumerate(problems):
+    n, m = c.shape
+    buckets.setdefault((_bucket(n), _bucket(m)), []).append(i)
+  results: list[Transport | None] = [None] * len(problems)
+  for (bn, bm), idx in buckets.items():
+    cs, as_, bs = [], [], []
+    for i in idx:
+      c, a, b = problems[i]
+      n, m = c.shape
+      cs.append(jnp.pad(jnp.asarray(c, jnp.float32), ((0, bn - n), (0, bm - m))))
+      as_.append(jnp.pad(jnp.asarray(a, jnp.float32) / jnp.sum(a), (0, bn - n)))
+      bs.append(jnp.pad(jnp.asarray(b, jnp.float32) / jnp.sum(b), (0, bm - m)))
+    out = _sinkhorn_batch(jnp.stack(cs), jnp.stack(as_), jnp.stack(bs), jnp.float32(epsilon),
+                          threshold=float(threshold), max_iterations=int(max_iterations))
+    for k, i in enumerate(idx):
+      n, m = problems[i][0].shape
+      t = out.matrix[k, :n, :m]
+      results[i] = Transport(t, out.converged[k], out.marginal_error[k], out.iterations[k])
+  return results  # type: ignore[return-value]
+
+
+def _bucket(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iterations"))
+def kmeans(x: jax.Array, k: int, key: jax.Array, iterations: int = 100) -> tuple[jax.Array, jax.Array]:
+  """Lloyd's k-means with k-means++ seeding. (n, d) -> centroids (k, d), labels (n,).
+
+  An empty cluster keeps its previous centroid.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  n = x.shape[0]
+  sqn = jnp.sum(x * x, 1)
+
+  def sqdist(c):
+    return jnp.maximum(sqn[:, None] + jnp.sum(c * c, 1)[None] - 2 * jnp.matmul(x, c.T, precision="highest"), 0.0)
+
+  key0, key_seed = jax.random.split(key)
+  first = jax.random.randint(key0, (), 0, n)
+  cent = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+  best = jnp.sum((x - x[first]) ** 2, 1)
+
+  def seed(i, carry):
+    cent, best = carry
+    prob = jnp.where(jnp.sum(best) > 0, best / jnp.sum(best), jnp.full((n,), 1.0 / n))
+    j = jax.random.choice(jax.random.fold_in(key_seed, i), n, p=prob)
+    cent = cent.at[i].set(x[j])
+    return cent, jnp.minimum(best, jnp.sum((x - x[j]) ** 2, 1))
+
+  cent, _ = jax.lax.fori_loop(1, k, seed, (cent, best))
+
+  def lloyd(_, cent):
+    labels = jnp.argmin(sqdist(cent), 1)
+    onehot = jax.nn.one_hot(labels, k, dtype=x.dtype)
+    count = onehot.sum(0)
+    mean = jnp.matmul(onehot.T, x, precision="highest") / jnp.maximum(count, 1.0)[:, None]
+    return jnp.where(count[:, None] > 0, mean, cent)
+
+  cent = jax.lax.fori_loop(0, iterations, lloyd, cent)
+  return cent, jnp.argmin(sqdist(cent), 1)
