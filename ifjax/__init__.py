@@ -8,7 +8,7 @@
 from ifjax import importance
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
-from ifjax._spec import BatchNormPair, Group, Member, Spec, widths
+from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormPair",
     "ConvergenceWarning",
+    "FlatMember",
     "Group",
     "GroupPlan",
     "Member",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from ifjax._spec import Spec, Variables, flatten, unflatten
@@ -43,6 +44,9 @@ def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
     if jnp.shape(mean)[0] != kernel.shape[-1]:
       raise ValueError(f"batchnorm pair {tuple(pair)!r}: {mp} has {jnp.shape(mean)[0]} channels, "
                        f"{kp} has {kernel.shape[-1]} outputs")
+    if not isinstance(var, jax.core.Tracer) and bool(jnp.any(var + pair.eps <= 0)):
+      raise ValueError(f"{vp!r} has entries with var + eps <= 0 (min {float(jnp.min(var))}); cannot fold "
+                       f"batchnorm pair {tuple(pair)!r}")
     s = scale * jnp.reciprocal(jnp.sqrt(var + pair.eps))
     flat[kp] = (jnp.asarray(kernel, jnp.float32) * s).astype(kernel.dtype)
     new_shift = shift - mean * s

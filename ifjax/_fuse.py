@@ -27,7 +27,7 @@ import numpy as np
 
 from ifjax import _importance, _transport
 from ifjax._batchnorm import bn_paths, fold_batchnorm
-from ifjax._spec import Group, Member, Spec, Variables, flatten, unflatten
+from ifjax._spec import FlatMember, Group, Member, Spec, Variables, flatten, unflatten
 
 
 class GroupPlan(NamedTuple):
@@ -150,6 +150,8 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
     if (source_mass == "importance" or target_mass == "importance") and bool(jnp.any(scores < 0)):
       raise ValueError(f"group {name!r}: importance masses need non-negative scores")
+    if (source_mass == "importance" or target_mass == "importance") and float(jnp.sum(scores)) <= 0:
+      raise ValueError(f"group {name!r}: importance masses sum to zero (scores must have a positive sum)")
     a = scores / jnp.sum(scores) if source_mass == "importance" else jnp.full((n,), 1.0 / n)
     if target == "most_important":
       y = x[keep]
@@ -234,27 +236,26 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan) -> dict:
   folded = fold_batchnorm(variables, spec)
   flat = flatten(folded)
   by_name = {g.name: g for g in spec.groups}
-  edits: dict[tuple[str, int], list[tuple[int, int, str, GroupPlan]]] = {}
+  edits: dict[Member | FlatMember, list[tuple[int, int, str, GroupPlan]]] = {}
   for name, gp in plan.items():
     if name not in by_name:
       raise ValueError(f"plan has group {name!r}, which the spec does not have ({list(by_name)})")
     g = by_name[name]
     n = gp.importance.shape[0]
-    for m in g.producers:
-      edits.setdefault((m.path, m.axis % np.ndim(flat[m.path])), []).append((m.offset, n, "producer", gp))
-    for m in g.consumers:
-      edits.setdefault((m.path, m.axis % np.ndim(flat[m.path])), []).append((m.offset, n, "consumer", gp))
-    for path, role in _derived_bn(spec, g).items():
-      if path in flat:
-        edits.setdefault((path, 0), []).append((0, n, "producer" if role == "shift" else "identity", gp))
-  for (path, axis), segs in edits.items():
-    flat[path] = _edit_axis(flat[path], axis, sorted(segs, key=lambda s: s[0]))
+    roles = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
+    roles += [(Member(path, 0), "producer" if role == "shift" else "identity")
+              for path, role in _derived_bn(spec, g).items() if path in flat]
+    for m, role in roles:
+      view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
+      edits.setdefault(view, []).append((m.offset, n, role, gp))
+  for view, segs in edits.items():
+    flat[view.path] = _edit_axis(flat[view.path], view, sorted(segs, key=lambda s: s[0]))
   return unflatten(flat)
 
 
-def _edit_axis(arr: jax.Array, axis: int, segs) -> jax.Array:
-  """Replaces segments [offset, offset + n) of ``axis`` by their m reduced entries."""
-  x = jnp.moveaxis(jnp.asarray(arr), axis, 0)
+def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs) -> jax.Array:
+  """Replaces segments [offset, offset + n) of the neuron (sub-)axis by their m reduced entries."""
+  x = view.neurons_first(arr)
   pieces, pos = [], 0
   for offset, n, role, gp in segs:
     pieces.append(x[pos:offset])
@@ -270,7 +271,7 @@ def _edit_axis(arr: jax.Array, axis: int, segs) -> jax.Array:
       pieces.append(fused.astype(arr.dtype))
     pos = offset + n
   pieces.append(x[pos:])
-  return jnp.moveaxis(jnp.concatenate(pieces, axis=0), 0, axis)
+  return view.restore(jnp.concatenate(pieces, axis=0))
 
 
 def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,

@@ -25,7 +25,7 @@ Importance = Callable[[Variables, Group], jax.Array]
 
 def member_rows(flat: Mapping[str, Any], m: Member, n: int) -> jax.Array:
   """The n neurons of member ``m`` as rows: (n, d) float32, neuron axis moved first."""
-  arr = jnp.moveaxis(jnp.asarray(flat[m.path], jnp.float32), m.axis, 0)[m.offset:m.offset + n]
+  arr = m.neurons_first(jnp.asarray(flat[m.path], jnp.float32))[m.offset:m.offset + n]
   return arr.reshape(n, -1)
 
 
@@ -36,7 +36,7 @@ def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member]:
 
 def group_size(flat: Mapping[str, Any], group: Group) -> int:
   m = group.producers[0]
-  return np.shape(flat[m.path])[m.axis] - m.offset
+  return np.shape(flat[m.path])[m.axis] // (m.outer * m.inner) - m.offset
 
 
 def _reduce(flat, group, per_member: Callable[[jax.Array, Member], jax.Array]) -> jax.Array:

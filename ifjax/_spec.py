@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 Variables = Mapping[str, Any]
@@ -31,6 +32,40 @@ class Member(NamedTuple):
   axis: int
   offset: int = 0
 
+  outer = 1
+  inner = 1
+
+  def neurons_first(self, arr):
+    """``arr`` -> (N, ...) with this member's neuron axis first (N = all entries of that axis)."""
+    return jnp.moveaxis(jnp.asarray(arr), self.axis, 0)
+
+  def restore(self, x):
+    """Inverse of :meth:`neurons_first` for an array whose neuron axis has a new length."""
+    return jnp.moveaxis(x, 0, self.axis)
+
+
+class FlatMember(NamedTuple):
+  """A member on a flattened axis (a Dense after a flatten), viewed as (outer, N, inner).
+
+  The neurons index the middle part: channel c of an NHWC flatten over H*W
+  positions is ``outer=H*W, inner=1``; of an NCHW flatten ``outer=1, inner=H*W``.
+  """
+
+  path: str
+  axis: int
+  offset: int = 0
+  outer: int = 1
+  inner: int = 1
+
+  def neurons_first(self, arr):
+    x = jnp.moveaxis(jnp.asarray(arr), self.axis, 0)
+    x = x.reshape(self.outer, x.shape[0] // (self.outer * self.inner), self.inner, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def restore(self, x):
+    x = jnp.moveaxis(x, 0, 1)
+    return jnp.moveaxis(x.reshape(self.outer * x.shape[1] * self.inner, *x.shape[3:]), 0, self.axis)
+
 
 class BatchNormPair(NamedTuple):
   """A BatchNorm at module path ``bn`` that directly follows the layer at ``layer``."""
@@ -40,18 +75,25 @@ class BatchNormPair(NamedTuple):
   eps: float = DEFAULT_BN_EPS
 
 
-def _as_member(m: Any) -> Member:
-  if isinstance(m, Member):
+def _as_member(m: Any) -> Member | FlatMember:
+  if isinstance(m, (Member, FlatMember)):
     return m
-  if isinstance(m, str) or not isinstance(m, Sequence) or len(m) not in (2, 3):
-    raise ValueError(f"a group member must be (path, axis) or (path, axis, offset), got {m!r}")
+  if isinstance(m, str) or not isinstance(m, Sequence) or len(m) not in (2, 3, 5):
+    raise ValueError(f"a group member must be (path, axis), (path, axis, offset) or "
+                     f"(path, axis, offset, outer, inner), got {m!r}")
   path, axis, *rest = m
-  if not isinstance(path, str) or not isinstance(axis, (int, np.integer)):
-    raise ValueError(f"a group member must be (str path, int axis[, int offset]), got {m!r}")
-  offset = int(rest[0]) if rest else 0
-  if offset < 0:
-    raise ValueError(f"member {path!r}: offset must be >= 0, got {offset}")
-  return Member(path, int(axis), offset)
+  if not isinstance(path, str) or not all(isinstance(v, (int, np.integer)) for v in (axis, *rest)):
+    raise ValueError(f"a group member must be (str path, int axis[, int offset[, int outer, int inner]]), got {m!r}")
+  offset, outer, inner = (list(rest) + [0, 1, 1][len(rest):])
+  if offset < 0 or outer < 1 or inner < 1:
+    raise ValueError(f"member {path!r}: need offset >= 0, outer >= 1, inner >= 1, got {offset}, {outer}, {inner}")
+  if (outer, inner) != (1, 1):
+    return FlatMember(path, int(axis), int(offset), int(outer), int(inner))
+  return Member(path, int(axis), int(offset))
+
+
+def _member_json(m: Member | FlatMember) -> list:
+  return list(m)
 
 
 def _module_path(p: str) -> str:
@@ -67,8 +109,8 @@ class Group:
   """A set of coupled neurons. Members are normalised to :class:`Member` tuples."""
 
   name: str
-  producers: tuple[Member, ...]
-  consumers: tuple[Member, ...] = ()
+  producers: tuple[Member | FlatMember, ...]
+  consumers: tuple[Member | FlatMember, ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -143,8 +185,8 @@ class Spec:
   # -- JSON -----------------------------------------------------------------
   def to_json(self) -> str:
     return json.dumps({
-        "groups": [{"name": g.name, "producers": [list(m) for m in g.producers],
-                    "consumers": [list(m) for m in g.consumers]} for g in self.groups],
+        "groups": [{"name": g.name, "producers": [_member_json(m) for m in g.producers],
+                    "consumers": [_member_json(m) for m in g.consumers]} for g in self.groups],
         "batchnorms": [list(b) for b in self.batchnorms],
     }, indent=1)
 
@@ -170,20 +212,23 @@ class Spec:
         nd = np.ndim(arr)
         if not -nd <= m.axis < nd:
           raise ValueError(f"group {g.name!r}: axis {m.axis} is out of range for {m.path!r} with shape {np.shape(arr)}")
+        if np.shape(arr)[m.axis] % (m.outer * m.inner):
+          raise ValueError(f"group {g.name!r}: axis {m.axis} of {m.path!r} (size {np.shape(arr)[m.axis]}) is not "
+                           f"divisible by outer * inner = {m.outer} * {m.inner}")
         owners.setdefault((m.path, m.axis % nd), []).append((g, m))
     sizes: dict[str, int] = {}
     for g in self.groups:  # the neuron count comes from the first member owning a whole axis
       for m in g.members:
         key = (m.path, m.axis % np.ndim(flat[m.path]))
         if len(owners[key]) == 1:
-          sizes[g.name] = np.shape(flat[m.path])[m.axis] - m.offset
+          sizes[g.name] = _neuron_axis_len(flat, m) - m.offset
           first = m
           break
       else:
         raise ValueError(f"group {g.name!r}: every member shares its axis with another group, so its neuron count "
                          "is undefined; give it one member (e.g. a producer kernel) that it owns whole")
       for m in g.members:
-        length = np.shape(flat[m.path])[m.axis]
+        length = _neuron_axis_len(flat, m)
         key = (m.path, m.axis % np.ndim(flat[m.path]))
         whole = len(owners[key]) == 1
         if (whole and (m.offset != 0 or length != sizes[g.name])) or m.offset + sizes[g.name] > length:
@@ -204,6 +249,10 @@ class Spec:
           raise ValueError(f"batchnorm pair {tuple(b)!r}: batch_stats/{b.bn}/{stat} has shape {np.shape(s)} "
                            f"but params/{b.layer}/kernel has {np.shape(k)[-1]} output channels")
     return sizes
+
+
+def _neuron_axis_len(flat, m: Member) -> int:
+  return np.shape(flat[m.path])[m.axis] // (m.outer * m.inner)
 
 
 def _lookup(flat: Mapping[str, Any], path: str, where: str):
