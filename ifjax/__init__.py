@@ -9,6 +9,7 @@ from ifjax import importance
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
+from ifjax._trace import UnsupportedPrimitiveError, trace_spec
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "Plan",
     "Spec",
     "Transport",
+    "UnsupportedPrimitiveError",
     "apply_plan",
     "fold_batchnorm",
     "importance",
@@ -34,6 +36,7 @@ __all__ = [
     "prune",
     "solve_exact",
     "solve_sinkhorn",
+    "trace_spec",
     "transport_maps",
     "widths",
 ]

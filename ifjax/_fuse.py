@@ -117,6 +117,9 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
   sizes = spec.validate(folded)
   ratios = _ratios(spec, ratio, groups)
   score_fn = _importance.resolve(importance)
+  if isinstance(importance, Mapping) and set(importance) - set(spec.names):
+    raise ValueError(f"precomputed importance has scores for unknown groups {sorted(set(importance) - set(spec.names))}; "
+                     f"groups are {spec.names}")
   _check_choice("target", target, ("most_important", "cluster_centroid"))
   _check_choice("source_mass", source_mass, ("uniform", "importance"))
   _check_choice("target_mass", target_mass, ("uniform", "importance"))
@@ -313,7 +316,7 @@ def _checked(variables: Variables, spec: Spec) -> Variables:
     paths |= {p for p in (f"params/{b.layer}/bias", f"params/{b.bn}/scale", f"params/{b.bn}/bias") if p in flat}
   for path in sorted(paths):
     arr = flat[path]
-    dtype = jnp.asarray(arr).dtype
+    dtype = np.result_type(arr)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{path!r} has dtype {dtype}; Intra-Fusion needs floating-point parameters")
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(arr, jnp.float32)))):
@@ -324,7 +327,12 @@ def _checked(variables: Variables, spec: Spec) -> Variables:
 def _ratios(spec: Spec, ratio: Ratio, groups: GroupSelection) -> list[tuple[Group, float]]:
   selected = spec.select(groups)
   if isinstance(ratio, Mapping):
-    per = {spec[k].name: v for k, v in ratio.items()}
+    per = {}
+    for k, v in ratio.items():
+      try:
+        per[spec[k].name] = v
+      except ValueError as e:
+        raise ValueError(f"ratio={{...}}: {e}") from None
     pairs = [(g, per[g.name]) for g in selected if g.name in per]
   else:
     pairs = [(g, ratio) for g in selected]

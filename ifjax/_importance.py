@@ -92,13 +92,13 @@ def taylor(grads: Variables | None = None, *, loss_fn: Callable[..., jax.Array] 
     raise ValueError("taylor importance needs exactly one of grads= or loss_fn= (with batches=)")
   if loss_fn is not None and not batches:
     raise ValueError("taylor(loss_fn=...) needs at least one batch in batches=")
-  cache: dict[int, dict] = {}
+  cache: list = []  # [(variables object, flat grads)]: gradients of the variables last seen
 
   def flat_grads(variables):
     if grads is not None:
       g = grads if "params" in grads else {"params": grads}
       return flatten(g)
-    if id(variables) not in cache:
+    if not cache or cache[0][0] is not variables:
       params = variables["params"]
       rest = {k: v for k, v in variables.items() if k != "params"}
       grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn({"params": p, **rest}, b)))
@@ -106,9 +106,8 @@ def taylor(grads: Variables | None = None, *, loss_fn: Callable[..., jax.Array] 
       for b in batches:
         g = grad_fn(params, b)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
-      cache.clear()
-      cache[id(variables)] = flatten({"params": total})
-    return cache[id(variables)]
+      cache[:] = [(variables, flatten({"params": total}))]
+    return cache[0][1]
 
   def fn(variables: Variables, group: Group) -> jax.Array:
     flat = flatten(variables)
