@@ -9,7 +9,7 @@ from ifjax import importance
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
-from ifjax._trace import UnsupportedPrimitiveError, trace_spec
+from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
 
 __version__ = "0.1.0"
@@ -23,14 +23,17 @@ __all__ = [
     "Member",
     "Plan",
     "Spec",
+    "SpecCheckError",
     "Transport",
     "UnsupportedPrimitiveError",
     "apply_plan",
+    "check_spec",
     "fold_batchnorm",
     "importance",
     "intra_fuse",
     "kept_count",
     "kmeans",
+    "nnx_apply",
     "pairwise_distance",
     "plan",
     "prune",

@@ -25,6 +25,7 @@ import jax
 import jax.extend as jex
 import numpy as np
 
+from ifjax._batchnorm import bn_paths, fold_batchnorm
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, flatten, unflatten
 
 Seg = tuple[int, int, int, int]  # (start on the axis, length, class id, offset inside the class)
@@ -583,3 +584,108 @@ def _dedupe(items):
       seen.add(m)
       out.append(m)
   return out
+
+
+class SpecCheckError(ValueError):
+  """A group of the spec is not a set of interchangeable neurons of the model."""
+
+
+def check_spec(apply_fn: Callable[..., Any], variables, spec: Spec, *example_args, scaling: bool = False,
+               rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, **example_kwargs) -> dict[str, float]:
+  """Perturbation check of a spec against the model; returns ``{group: max output change}``.
+
+  For each group its neurons are permuted consistently across all members (and
+  the BatchNorms folded into its producers): the outputs must not change. With
+  ``scaling=True`` one neuron's producer rows are also scaled by 2 and its
+  consumer columns by 1/2 (after BN folding), which must not change the outputs
+  when the activations between them are positively homogeneous (ReLU).
+
+  Raises :class:`SpecCheckError` naming the group and the member that breaks.
+  """
+  sizes = spec.validate(variables)
+  run = lambda v: np.asarray(jax.tree.leaves(apply_fn(v, *example_args, **example_kwargs))[0], np.float64)
+  ref = run(variables)
+  tol = atol + rtol * np.max(np.abs(ref))
+  rng = np.random.default_rng(seed)
+  report = {}
+  for g in spec.groups:
+    n = sizes[g.name]
+    perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(n)
+    perm = perm[rng.permutation(n)] if n > 2 else perm
+    members = list(g.members) + _bn_members(spec, g, variables)
+    diff = np.max(np.abs(run(_permuted(variables, members, perm, n)) - ref))
+    if diff > tol:
+      culprits = [m for m in members
+                  if np.max(np.abs(run(_permuted(variables, [x for x in members if x != m], perm, n)) - ref)) <= tol]
+      where = (f"member {culprits[0]!r} does not belong to it" if culprits else
+               "a member is missing (some array holding these neurons is not in the group)")
+      raise SpecCheckError(f"group {g.name!r}: permuting its neurons changes the outputs by {diff:.3g}; {where}")
+    report[g.name] = float(diff)
+    if scaling:
+      folded = fold_batchnorm(variables, spec)
+      factors = [(m, 2.0) for m in g.producers if not _is_depthwise(folded, m)]
+      factors += [(m, 0.5) for m in g.consumers]
+      factors += [(m, 2.0) for m in _bn_members(spec, g, folded) if m.path.endswith("/bias")]
+      d = np.max(np.abs(run(_scaled(folded, factors)) - ref))
+      if d > tol:
+        raise SpecCheckError(f"group {g.name!r}: scaling neuron 0's producers by 2 and consumers by 1/2 changes the "
+                             f"outputs by {d:.3g} (the members, or a non-homogeneous activation, break it)")
+      report[g.name] = max(report[g.name], float(d))
+  return report
+
+
+def _bn_members(spec: Spec, g: Group, variables) -> list[Member]:
+  flat = flatten(variables)
+  out = []
+  for m in g.producers:
+    if m.path.startswith("params/") and m.path.endswith("/kernel"):
+      out += [Member(p, 0) for p in bn_paths(spec, _module(m.path)) if p in flat]
+  return out
+
+
+def _is_depthwise(variables, m: Member) -> bool:
+  shape = np.shape(flatten(variables)[m.path])
+  return len(shape) == 4 and shape[2] == 1 and m.axis % 4 == 3 and shape[3] > 1
+
+
+def _permuted(variables, members, perm, n):
+  flat = dict(flatten(variables))
+  for m in members:
+    x = m.neurons_first(flat[m.path])
+    seg = x[m.offset:m.offset + n][perm]
+    flat[m.path] = m.restore(x.at[m.offset:m.offset + n].set(seg))
+  return unflatten(flat)
+
+
+def _scaled(variables, factors):
+  flat = dict(flatten(variables))
+  for m, f in factors:
+    x = m.neurons_first(flat[m.path])
+    flat[m.path] = m.restore(x.at[m.offset].multiply(f))
+  return unflatten(flat)
+
+
+def nnx_apply(model) -> tuple[Callable[..., Any], dict]:
+  """An NNX model as ``(apply_fn, variables)`` in the linen layout, for :func:`trace_spec` and friends.
+
+  ``variables = {"params": ..., "batch_stats": ...}`` are pure dicts of the
+  model's ``nnx.Param`` / ``nnx.BatchStat`` state; ``apply_fn(variables, *args)``
+  merges them into a copy of the model and calls it. To run pruned variables,
+  build the NNX model at the new widths (``ifjax.widths``) and load them with
+  ``nnx.replace_by_pure_dict``: NNX keeps sizes as static attributes.
+  """
+  from flax import nnx
+
+  graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  variables = {"params": nnx.to_pure_dict(params)}
+  if len(jax.tree.leaves(stats)):
+    variables["batch_stats"] = nnx.to_pure_dict(stats)
+
+  def apply_fn(v, *args, **kwargs):
+    p, s = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, stats)
+    nnx.replace_by_pure_dict(p, v["params"])
+    if "batch_stats" in v:
+      nnx.replace_by_pure_dict(s, v["batch_stats"])
+    return nnx.merge(graphdef, p, s, rest)(*args, **kwargs)
+
+  return apply_fn, variables
