@@ -623,7 +623,7 @@ def check_spec(apply_fn: Callable[..., Any], variables, spec: Spec, *example_arg
     report[g.name] = float(diff)
     if scaling:
       folded = fold_batchnorm(variables, spec)
-      factors = [(m, 2.0) for m in g.producers if not _is_depthwise(folded, m)]
+      factors = [(m, 2.0) for m in g.producers if not _is_depthwise(folded, g, m)]
       factors += [(m, 0.5) for m in g.consumers]
       factors += [(m, 2.0) for m in _bn_members(spec, g, folded) if m.path.endswith("/bias")]
       d = np.max(np.abs(run(_scaled(folded, factors)) - ref))
@@ -643,9 +643,13 @@ def _bn_members(spec: Spec, g: Group, variables) -> list[Member]:
   return out
 
 
-def _is_depthwise(variables, m: Member) -> bool:
-  shape = np.shape(flatten(variables)[m.path])
-  return len(shape) == 4 and shape[2] == 1 and m.axis % 4 == 3 and shape[3] > 1
+def _is_depthwise(variables, g: Group, m: Member) -> bool:
+  """A (kh, kw, 1, C) kernel that follows another producer of the group (a conv with a
+  single input channel, such as a grayscale stem, is not depthwise)."""
+  flat = flatten(variables)
+  one_in = lambda x: len(np.shape(flat[x.path])) == 4 and np.shape(flat[x.path])[2] == 1 and x.axis % 4 == 3
+  others = [x for x in g.producers if x != m and np.ndim(flat[x.path]) >= 2 and not one_in(x)]
+  return one_in(m) and bool(others)
 
 
 def _permuted(variables, members, perm, n):
