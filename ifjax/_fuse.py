@@ -316,7 +316,7 @@ def _checked(variables: Variables, spec: Spec) -> Variables:
     paths |= {p for p in (f"params/{b.layer}/bias", f"params/{b.bn}/scale", f"params/{b.bn}/bias") if p in flat}
   for path in sorted(paths):
     arr = flat[path]
-    dtype = np.result_type(arr)
+    dtype = arr.dtype if hasattr(arr, "dtype") else np.result_type(arr)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{path!r} has dtype {dtype}; Intra-Fusion needs floating-point parameters")
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(arr, jnp.float32)))):

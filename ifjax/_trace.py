@@ -603,7 +603,8 @@ def check_spec(apply_fn: Callable[..., Any], variables, spec: Spec, *example_arg
   Raises :class:`SpecCheckError` naming the group and the member that breaks.
   """
   sizes = spec.validate(variables)
-  run = lambda v: np.asarray(jax.tree.leaves(apply_fn(v, *example_args, **example_kwargs))[0], np.float64)
+  forward = jax.jit(lambda v: jax.tree.leaves(apply_fn(v, *example_args, **example_kwargs))[0])
+  run = lambda v: np.asarray(forward(v), np.float64)
   ref = run(variables)
   tol = atol + rtol * np.max(np.abs(ref))
   rng = np.random.default_rng(seed)
