@@ -77,7 +77,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
          target_mass: Literal["uniform", "importance"] = "uniform",
          normalization: Literal["paper", "barycentric"] = "paper",
          p: float = 1.0, include_bias: bool = False,
-         epsilon: float = 1e-3, threshold: float = 1e-4, max_iterations: int = 5000,
+         epsilon: float = 1e-3, threshold: float = 1e-3, max_iterations: int = 10000,
          fallback: Literal["exact", "warn", "raise"] = "exact",
          seed: int = 0) -> Plan:
   """Computes, per selected group, the keep set, importance and (if ``fuse``) the OT maps.

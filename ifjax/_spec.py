@@ -143,6 +143,13 @@ class Spec:
       else:
         raise ValueError(f"a batchnorm entry must be (layer_prefix, bn_prefix[, eps]), got {b!r}")
     object.__setattr__(self, "batchnorms", tuple(bns))
+    # arrays of folded BNs are handled through `batchnorms`; listing them in a group too is allowed and dropped
+    bn_arrays = {f"{c}/{b.bn}/{k}" for b in bns for c, k in (("params", "scale"), ("params", "bias"),
+                                                             ("batch_stats", "mean"), ("batch_stats", "var"))}
+    object.__setattr__(self, "groups", tuple(
+        g if not any(m.path in bn_arrays for m in g.members) else
+        Group(g.name, [m for m in g.producers if m.path not in bn_arrays],
+              [m for m in g.consumers if m.path not in bn_arrays]) for g in self.groups))
     names = [g.name for g in self.groups]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
