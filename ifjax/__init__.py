@@ -5,7 +5,7 @@
 ['BatchNormPair', 'ConvergenceWarning', 'Group', 'GroupPlan']
 """
 
-from ifjax import importance
+from ifjax import importance, models
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
@@ -33,6 +33,7 @@ __all__ = [
     "intra_fuse",
     "kept_count",
     "kmeans",
+    "models",
     "nnx_apply",
     "pairwise_distance",
     "plan",

@@ -16,7 +16,9 @@ def _randomized(variables, seed=0):
   rng = np.random.default_rng(seed)
   out = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, a.dtype), variables)
   if "batch_stats" in out:
-    out["batch_stats"] = jax.tree.map(lambda a: jnp.abs(a) + 0.5, out["batch_stats"])
+    out["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.asarray(0.5 + rng.uniform(size=a.shape), a.dtype) if "var" in jax.tree_util.keystr(p)
+        else a * 0.1, out["batch_stats"])
   return out
 
 
