@@ -63,8 +63,7 @@ class _Value:
 
 class _Tracer:
 
-  def __init__(self, paths: dict[Any, str], shapes: dict[str, tuple[int, ...]]):
-    self.paths = paths
+  def __init__(self, shapes: dict[str, tuple[int, ...]]):
     self.shapes = shapes
     self.parent: list[int] = []
     self.classes: list[_Class] = []
@@ -175,8 +174,6 @@ class _Tracer:
             self.per_channel(path, pax, out.labels[ax], name, acts)
         elif not acts:
           out.params[ax] = out.params.get(ax, frozenset()) | members
-    if not acts and prms:
-      out.origin = None
     origins = {v.origin for v, _ in acts if v.origin}
     if acts and len(origins) == 1 and len(acts) == 1 and name in _AFFINE:
       out.origin = origins.pop()
@@ -446,12 +443,6 @@ class _Tracer:
   def p_select_n(self, eqn, ins, shapes, out_shapes):
     return [self.elementwise("select_n", ins, shapes, out_shapes[0])]
 
-  def p_random_bits(self, eqn, ins, shapes, out_shapes):
-    return [_Value()]
-
-  def p_iota(self, eqn, ins, shapes, out_shapes):
-    return [_Value()]
-
 
 _ELEMENTWISE = {
     "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "tanh", "logistic", "abs",
@@ -552,7 +543,7 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
     return apply_fn(unflatten(dict(zip(paths, leaves))), *example_args, **example_kwargs)
 
   closed = jax.make_jaxpr(fn)(*[flat[p] for p in paths])
-  tracer = _Tracer({}, shapes)
+  tracer = _Tracer(shapes)
   inputs = [_Value(param=(p, {i: i for i in range(len(shapes[p]))})) for p in paths]
   outs = tracer.run(closed.jaxpr, inputs)
   for o in outs:
