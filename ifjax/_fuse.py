@@ -17,6 +17,7 @@ axis ``consumer_map @ W``; plain pruning selects ``W[keep]`` on both.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NamedTuple
@@ -136,7 +137,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     if m < 1:
       raise ValueError(f"group {g.name!r}: ratio {r} keeps floor({n} * (1 - {r})) = {m} of {n} neurons; "
                        "at least one must remain")
-    scores = jnp.asarray(score_fn(folded, g), jnp.float32)
+    scores = jnp.asarray(score_fn(folded, dataclasses.replace(g, size=n)), jnp.float32)
     if scores.shape != (n,):
       raise ValueError(f"importance for group {g.name!r} has shape {scores.shape}, expected ({n},)")
     if not bool(jnp.all(jnp.isfinite(scores))):
@@ -214,18 +215,17 @@ def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, in
 
 def _bias_members(flat, spec: Spec, group: Group) -> list[Member]:
   out = [m for m in group.producers if np.ndim(flat[m.path]) == 1]
-  for path, role in _derived_bn(spec, group).items():
-    if role == "shift" and path in flat:
-      out.append(Member(path, 0))
-  return out
+  return out + [m for m, role in derived_bn(spec, group) if role == "shift" and m.path in flat]
 
 
-def _derived_bn(spec: Spec, group: Group) -> dict[str, str]:
-  """Per-channel BN arrays of the group's producers (see :func:`bn_paths`)."""
-  out = {}
+def derived_bn(spec: Spec, group: Group) -> list[tuple[Member, str]]:
+  """The folded BN arrays of the group's producer layers, at the producers' offsets, with their role
+  (see :func:`bn_paths`)."""
+  out = []
   for m in group.producers:
     if m.path.startswith("params/") and m.path.endswith("/kernel"):
-      out.update(bn_paths(spec, m.path[len("params/"):-len("/kernel")]))
+      layer = m.path[len("params/"):-len("/kernel")]
+      out += [(Member(path, 0, m.offset), role) for path, role in bn_paths(spec, layer).items()]
   return out
 
 
@@ -246,8 +246,7 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan) -> dict:
     g = by_name[name]
     n = gp.importance.shape[0]
     roles = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
-    roles += [(Member(path, 0), "producer" if role == "shift" else "identity")
-              for path, role in _derived_bn(spec, g).items() if path in flat]
+    roles += [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
     for m, role in roles:
       view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
       edits.setdefault(view, []).append((m.offset, n, role, gp))

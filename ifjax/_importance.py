@@ -35,6 +35,9 @@ def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member]:
 
 
 def group_size(flat: Mapping[str, Any], group: Group) -> int:
+  """The group's neuron count: ``group.size`` if set (``plan`` always sets it), else its first producer's axis."""
+  if group.size is not None:
+    return group.size
   m = group.producers[0]
   return np.shape(flat[m.path])[m.axis] // (m.outer * m.inner) - m.offset
 

@@ -111,6 +111,7 @@ class Group:
   name: str
   producers: tuple[Member | FlatMember, ...]
   consumers: tuple[Member | FlatMember, ...] = ()
+  size: int | None = None  # needed only when every member is a segment of an axis shared with other groups
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -119,6 +120,8 @@ class Group:
     object.__setattr__(self, "consumers", tuple(_as_member(m) for m in self.consumers))
     if not self.producers:
       raise ValueError(f"group {self.name!r} has no producers")
+    if self.size is not None and (not isinstance(self.size, (int, np.integer)) or self.size < 1):
+      raise ValueError(f"group {self.name!r}: size must be a positive int, got {self.size!r}")
 
   @property
   def members(self) -> tuple[Member, ...]:
@@ -149,7 +152,7 @@ class Spec:
     object.__setattr__(self, "groups", tuple(
         g if not any(m.path in bn_arrays for m in g.members) else
         Group(g.name, [m for m in g.producers if m.path not in bn_arrays],
-              [m for m in g.consumers if m.path not in bn_arrays]) for g in self.groups))
+              [m for m in g.consumers if m.path not in bn_arrays], g.size) for g in self.groups))
     names = [g.name for g in self.groups]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -193,14 +196,15 @@ class Spec:
   def to_json(self) -> str:
     return json.dumps({
         "groups": [{"name": g.name, "producers": [_member_json(m) for m in g.producers],
-                    "consumers": [_member_json(m) for m in g.consumers]} for g in self.groups],
+                    "consumers": [_member_json(m) for m in g.consumers],
+                    **({"size": g.size} if g.size is not None else {})} for g in self.groups],
         "batchnorms": [list(b) for b in self.batchnorms],
     }, indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> Spec:
     d = json.loads(text)
-    return cls(tuple(Group(g["name"], g["producers"], g.get("consumers", ())) for g in d["groups"]),
+    return cls(tuple(Group(g["name"], g["producers"], g.get("consumers", ()), g.get("size")) for g in d["groups"]),
                tuple(tuple(b) for b in d.get("batchnorms", ())))
 
   # -- validation -----------------------------------------------------------
@@ -224,20 +228,19 @@ class Spec:
                            f"divisible by outer * inner = {m.outer} * {m.inner}")
         owners.setdefault((m.path, m.axis % nd), []).append((g, m))
     sizes: dict[str, int] = {}
-    for g in self.groups:  # the neuron count comes from the first member owning a whole axis
-      for m in g.members:
-        key = (m.path, m.axis % np.ndim(flat[m.path]))
-        if len(owners[key]) == 1:
-          sizes[g.name] = _neuron_axis_len(flat, m) - m.offset
-          first = m
-          break
-      else:
+    axis_key = lambda m: (m.path, m.axis % np.ndim(flat[m.path]))
+    for g in self.groups:  # the neuron count: explicit, else from the first member owning a whole axis
+      first = next((m for m in g.members if len(owners[axis_key(m)]) == 1), None)
+      if g.size is not None:
+        sizes[g.name], first = int(g.size), first or g.members[0]
+      elif first is None:
         raise ValueError(f"group {g.name!r}: every member shares its axis with another group, so its neuron count "
-                         "is undefined; give it one member (e.g. a producer kernel) that it owns whole")
+                         "is undefined; pass Group(..., size=n)")
+      else:
+        sizes[g.name] = _neuron_axis_len(flat, first) - first.offset
       for m in g.members:
         length = _neuron_axis_len(flat, m)
-        key = (m.path, m.axis % np.ndim(flat[m.path]))
-        whole = len(owners[key]) == 1
+        whole = len(owners[axis_key(m)]) == 1
         if (whole and (m.offset != 0 or length != sizes[g.name])) or m.offset + sizes[g.name] > length:
           raise ValueError(
               f"group {g.name!r}: members disagree on the neuron count: {first.path!r} axis {first.axis} gives "
@@ -299,6 +302,15 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def widths(variables: Variables, spec: Spec) -> dict[str, int]:
-  """``{group name: neuron count}``: pass as ``widths=`` to a zoo model to rebuild it at this size."""
-  return spec.validate(variables)
+def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = None) -> dict[str, int]:
+  """``{group name: neuron count}``: pass as ``widths=`` to a zoo model to rebuild it at this size.
+
+  With a ``plan`` (of :func:`ifjax.plan`), ``variables`` are the ones the spec
+  describes and the result is the widths *after* ``apply_plan``; use this form
+  when groups are segments of shared axes (option-A ResNets), whose pruned sizes
+  the pruned arrays alone do not determine.
+  """
+  sizes = spec.validate(variables)
+  for name, gp in (plan or {}).items():
+    sizes[name] = (gp.keep if gp.keep is not None else gp.producer_map).shape[0]
+  return sizes

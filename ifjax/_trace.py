@@ -25,7 +25,8 @@ import jax
 import jax.extend as jex
 import numpy as np
 
-from ifjax._batchnorm import bn_paths, fold_batchnorm
+from ifjax._batchnorm import fold_batchnorm
+from ifjax._fuse import derived_bn
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, flatten, unflatten
 
 Seg = tuple[int, int, int, int]  # (start on the axis, length, class id, offset inside the class)
@@ -628,11 +629,7 @@ def check_spec(apply_fn: Callable[..., Any], variables, spec: Spec, *example_arg
 
 def _bn_members(spec: Spec, g: Group, variables) -> list[Member]:
   flat = flatten(variables)
-  out = []
-  for m in g.producers:
-    if m.path.startswith("params/") and m.path.endswith("/kernel"):
-      out += [Member(p, 0) for p in bn_paths(spec, _module(m.path)) if p in flat]
-  return out
+  return [m for m, _ in derived_bn(spec, g) if m.path in flat]
 
 
 def _is_depthwise(variables, g: Group, m: Member) -> bool:
