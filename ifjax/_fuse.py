@@ -229,12 +229,19 @@ def derived_bn(spec: Spec, group: Group) -> list[tuple[Member, str]]:
   return out
 
 
-def apply_plan(variables: Variables, spec: Spec, plan: Plan) -> dict:
+def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: bool = False) -> dict:
   """New variables with every planned group reduced to its m neurons. Jit-able with ``spec`` static.
 
   BatchNorms are folded first; the folded (identity) BN arrays of a group's
   producers are cut to m entries, and a BN that carries a folded shift has it
   fused like a producer bias.
+
+  With ``keep_shapes=True`` every array keeps its shape: a group's m neurons fill
+  the first m slots of its n and the other n - m slots are zero. Dropped
+  channels are then read only through zero weights, so the full-size model
+  computes the reduced model's function (unless a parameter-free op mixes
+  channels, e.g. a LayerNorm over them), and one compiled model can evaluate
+  many plans.
   """
   folded = fold_batchnorm(variables, spec)
   flat = flatten(folded)
@@ -251,12 +258,13 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan) -> dict:
       view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
       edits.setdefault(view, []).append((m.offset, n, role, gp))
   for view, segs in edits.items():
-    flat[view.path] = _edit_axis(flat[view.path], view, sorted(segs, key=lambda s: s[0]))
+    flat[view.path] = _edit_axis(flat[view.path], view, sorted(segs, key=lambda s: s[0]), keep_shapes)
   return unflatten(flat)
 
 
-def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs) -> jax.Array:
-  """Replaces segments [offset, offset + n) of the neuron (sub-)axis by their m reduced entries."""
+def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: bool) -> jax.Array:
+  """Replaces segments [offset, offset + n) of the neuron (sub-)axis by their m reduced entries
+  (followed by n - m zeros if ``keep_shapes``)."""
   x = view.neurons_first(arr)
   pieces, pos = [], 0
   for offset, n, role, gp in segs:
@@ -271,6 +279,8 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs) -> jax.Array:
       mat = gp.producer_map if role == "producer" else gp.consumer_map
       fused = jnp.tensordot(mat, seg.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
       pieces.append(fused.astype(arr.dtype))
+    if keep_shapes:
+      pieces.append(jnp.zeros((n - m, *x.shape[1:]), x.dtype))
     pos = offset + n
   pieces.append(x[pos:])
   return view.restore(jnp.concatenate(pieces, axis=0))

@@ -42,6 +42,7 @@ class _Class:
   producers: list = dataclasses.field(default_factory=list)  # (eqn index, member)
   consumers: list = dataclasses.field(default_factory=list)
   frozen: str = ""
+  pieces: list | None = None  # after a split: [(start, length, class)] that replace this class
 
 
 @dataclasses.dataclass
@@ -98,8 +99,45 @@ class _Tracer:
     ca.consumers += cb.consumers
     ca.frozen = ca.frozen or cb.frozen
 
+  def split(self, c, cuts):
+    """Splits class ``c`` at positions ``cuts`` (inside it) into pieces that are classes of their own:
+    each member covers the piece at its offset plus the piece's start."""
+    c = self.find(c)
+    cls = self.classes[c]
+    bounds = sorted({0, cls.size, *cuts})
+    cls.pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+      piece = self.new_class(hi - lo)
+      p = self.classes[piece]
+      p.producers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.producers]
+      p.consumers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.consumers]
+      p.frozen = cls.frozen
+      cls.pieces.append((lo, hi - lo, piece))
+
+  def resolve(self, seg) -> list:
+    """A segment as segments of current (unsplit, root) classes."""
+    if seg[0] == "flat":
+      return [("flat", seg[1], seg[2], x) for x in self.resolve(seg[3])]
+    s, l, c, o = seg
+    c = self.find(c)
+    pieces = self.classes[c].pieces
+    if pieces is None:
+      return [(s, l, c, o)]
+    out = []
+    for ps, pl, pc in pieces:
+      lo, hi = max(o, ps), min(o + l, ps + pl)
+      if lo < hi:
+        out += self.resolve((s + lo - o, hi - lo, pc, lo - ps))
+    return out
+
+  def resolved(self, v: _Value) -> _Value:
+    if not v.labels:
+      return v
+    return dataclasses.replace(v, labels={ax: tuple(x for seg in segs for x in self.resolve(seg))
+                                          for ax, segs in v.labels.items()})
+
   def freeze(self, segs, why):
-    for s in segs:
+    for s in (x for seg in segs for x in self.resolve(seg)):
       c = self.classes[self.find(_plain(s)[2])]
       c.frozen = c.frozen or why
 
@@ -110,7 +148,7 @@ class _Tracer:
       env[v] = val
     for v in jaxpr.constvars:
       env[v] = _Value()
-    read = lambda v: _Value() if isinstance(v, jex.core.Literal) else env.get(v, _Value())
+    read = lambda v: _Value() if isinstance(v, jex.core.Literal) else self.resolved(env.get(v, _Value()))
     for eqn in jaxpr.eqns:
       self.eqn_counter += 1
       ins = [read(v) for v in eqn.invars]
@@ -158,14 +196,18 @@ class _Tracer:
     prms = [(v, s) for v, s in zip(ins, shapes) if (v.params or v.param) and not v.labels]
     for ax in range(ndim):
       segs = [v.labels[ax] for v, s in acts if ax in v.labels]
-      if segs:
-        first = segs[0]
+      if not segs:
+        continue
+      first = segs[0]
+      if all([_layout(g) for g in other] == [_layout(g) for g in first] for other in segs[1:]):
         for other in segs[1:]:
-          if [_layout(g) for g in other] != [_layout(g) for g in first]:
-            raise UnsupportedPrimitiveError(f"{name!r} combines channel axes laid out differently: {first} vs {other}")
           for g0, g1 in zip(first, other):
             self.union(_plain(g0)[2], _plain(g1)[2], f"{name!r}")
         out.labels[ax] = tuple(self.canonical(g) for g in first)
+      elif any(g[0] == "flat" for x in segs for g in x):
+        raise UnsupportedPrimitiveError(f"{name!r} combines flattened channel axes laid out differently")
+      else:
+        out.labels[ax] = self.overlay(segs, name)
     # per-channel parameters meeting labelled activations
     for v, s in prms:
       pmap = v.params or self.param_channels(v, s)
@@ -179,6 +221,40 @@ class _Tracer:
     if acts and len(origins) == 1 and len(acts) == 1 and name in _AFFINE:
       out.origin = origins.pop()
     return out
+
+  def overlay(self, operands, name) -> tuple[Seg, ...]:
+    """Labels of an element-wise op whose operands carry classes at different positions of an axis
+    (e.g. a residual add of a zero-padded stream, the option-A shortcut).
+
+    Classes are split until every class lies whole inside one region between
+    segment boundaries; classes covering the same region are merged, and a
+    region labelled in only one operand (the others hold zero padding or
+    unlabelled data there) keeps that operand's class.
+    """
+    while True:
+      bounds = sorted({b for segs in operands for s, l, _, _ in segs for b in (s, s + l)})
+      cut = False
+      for segs in operands:
+        for s, l, c, o in segs:
+          size = self.classes[self.find(c)].size
+          cuts = {b - s + o for b in bounds if s < b < s + l} | ({o} - {0}) | ({o + l} - {size})
+          if cuts:
+            self.split(c, cuts)
+            cut = True
+      if not cut:
+        break
+      operands = [tuple(x for seg in segs for x in self.resolve(seg)) for segs in operands]
+    regions: dict[int, list[Seg]] = {}
+    for segs in operands:
+      for seg in segs:
+        regions.setdefault(seg[0], []).append(seg)
+    out = []
+    for start in sorted(regions):
+      segs = regions[start]
+      for other in segs[1:]:
+        self.union(segs[0][2], other[2], f"{name!r}")
+      out.append(self.canonical(segs[0]))
+    return tuple(out)
 
   def canonical(self, seg):
     if seg[0] == "flat":
@@ -557,16 +633,24 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
   groups = []
   for root, cls in roots.items():
     kernels = [(i, m) for i, m in cls.producers if len(shapes[m.path]) >= 2]
-    if cls.frozen or not kernels:
+    if cls.frozen or not kernels or cls.pieces is not None:
       continue
     producers = _dedupe(sorted(cls.producers, key=lambda t: t[0]))
     consumers = _dedupe(sorted(cls.consumers, key=lambda t: t[0]))
     last = max(i for i, _ in kernels)
-    name = _module(min(kernels, key=lambda t: t[0])[1].path)
-    groups.append((last, Group(name, producers, consumers)))
+    first_eqn, first = min(kernels, key=lambda t: t[0])
+    axis_len = shapes[first.path][first.axis]
+    name = _module(first.path) + (f"[{first.offset}:{first.offset + cls.size}]" if cls.size != axis_len else "")
+    shared = any(m.offset or _axis_len(shapes, m) != cls.size for m in producers + consumers)
+    groups.append(((last, first_eqn, first.offset), Group(name, producers, consumers, cls.size if shared else None)))
   groups.sort(key=lambda t: t[0])
   bns = [BatchNormPair(layer, bn) for bn, layer in tracer.bn.items()]
   return Spec(tuple(g for _, g in groups), tuple(bns))
+
+
+def _axis_len(shapes, m) -> int:
+  n = shapes[m.path][m.axis]
+  return n // (m.outer * m.inner) if isinstance(m, FlatMember) else n
 
 
 def _dedupe(items):

