@@ -7,6 +7,7 @@
 
 from ifjax import importance, models
 from ifjax._batchnorm import fold_batchnorm
+from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormPair",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "ConvergenceWarning",
     "FlatMember",
     "Group",
@@ -33,13 +36,16 @@ __all__ = [
     "intra_fuse",
     "kept_count",
     "kmeans",
+    "load_into",
     "models",
     "nnx_apply",
     "pairwise_distance",
     "plan",
     "prune",
+    "read_torch",
     "solve_exact",
     "solve_sinkhorn",
+    "state_dict",
     "trace_spec",
     "transport_maps",
     "widths",

@@ -1,0 +1,267 @@
+"""The paper's data-free experiment (§4.2, Tables 10-21) on a zoo model with real pretrained weights.
+
+Each cell prunes one group (paper numbering, 0 = closest to the output) or all
+groups at once to a neuron sparsity, with default pruning or Intra-Fusion, and
+measures test accuracy: no data for the fusion itself, no fine-tuning.
+
+    python experiments/data_free.py --model resnet20 --out results/resnet20_l1
+    python experiments/data_free.py --model resnet20 --importance taylor lamp --out results/resnet20_taylor_lamp
+    python experiments/data_free.py --model resnet56 --all-groups-only --sparsities 0.3 0.5 0.7 --out results/r56_all
+    python experiments/data_free.py --model resnet20 --methods default if_paper if_bary if_bary+bias \\
+        if_bary+centroid if_bary+mass --out results/resnet20_variants
+
+Writes ``results.csv`` (one row per cell and method; an interrupted run resumes
+from it), ``results.md`` (table + win rates) and ``accuracy.png``. Methods:
+``default`` (keep the m most important), ``if_paper`` / ``if_bary`` (Intra-Fusion
+with the paper's or the barycentric normalization), and variants made by adding
+``+bias`` (biases in the cost), ``+centroid`` (k-means target) or ``+mass``
+(importance marginals) to an ``if_`` method. Every pruned model is evaluated as
+the full-size network with the dropped channels zeroed
+(``apply_plan(..., keep_shapes=True)``), which computes the same function as
+the smaller network and needs one compilation for the whole grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import ifjax
+from ifjax import data
+
+FIELDS = ["model", "importance", "group", "group_name", "sparsity", "method", "accuracy", "params", "test_images"]
+BASES = {"default": dict(fuse=False), "if_paper": dict(normalization="paper"),
+         "if_bary": dict(normalization="barycentric")}
+MODIFIERS = {"bias": dict(include_bias=True), "centroid": dict(target="cluster_centroid"),
+             "mass": dict(source_mass="importance", target_mass="importance")}
+
+
+def method_options(name: str) -> dict:
+  """'if_bary+bias+mass' -> keyword arguments of :func:`ifjax.plan`."""
+  base, *mods = name.split("+")
+  if base not in BASES or (mods and base == "default") or any(m not in MODIFIERS for m in mods):
+    raise ValueError(f"unknown method {name!r}: use default, or one of {sorted(set(BASES) - {'default'})} "
+                     f"followed by any of {['+' + m for m in MODIFIERS]}")
+  opts = dict(BASES[base])
+  for m in mods:
+    opts.update(MODIFIERS[m])
+  return opts
+
+
+def load_test_set(model: str, limit: int | None):
+  """(images float32 NHWC, labels int32) of the model's evaluation set, preprocessed."""
+  if model.startswith("resnet"):
+    x, y = data.cifar10_jpeg("test", limit=limit)
+  elif model == "lenet5":
+    x, y = data.mnist_test()
+  elif model == "efficientnet_lite0":
+    x, y = data.imagenet_sample()
+  else:
+    raise ValueError(f"no real test set for {model!r}; models with one: resnet20..110, lenet5, efficientnet_lite0")
+  if limit is not None and not model.startswith("resnet"):
+    x, y = x[:limit], y[:limit]
+  return data.preprocess(model, x), y
+
+
+def calibration_batches(model: str, n: int, batch_size: int = 128):
+  """Labelled batches for data-driven importance (Taylor): CIFAR's *train* split only, never test images."""
+  if not model.startswith("resnet"):
+    raise ValueError(f"taylor importance needs training images, which ../shared/data has only for CIFAR "
+                     f"(resnet models), not for {model!r}")
+  x, y = data.cifar10_jpeg("train", limit=n)
+  x = data.preprocess(model, x)
+  return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def importance_scores(name: str, module, variables, spec, model: str, calib: int) -> dict:
+  """{group: (n,) scores}, computed once per importance and reused by every cell."""
+  imp = name
+  if name == "taylor":
+    def loss_fn(v, batch):
+      logits = module.apply(v, batch[0], train=False)
+      return -jax.numpy.mean(jax.nn.log_softmax(logits)[np.arange(len(batch[1])), batch[1]])
+    imp = ifjax.importance.taylor(loss_fn=loss_fn, batches=calibration_batches(model, calib))
+  full = ifjax.plan(variables, spec, 0.0, importance=imp, fuse=False)
+  return {g: p.importance for g, p in full.items()}
+
+
+def make_evaluator(module, x, y, batch_size: int):
+  predict = jax.jit(lambda v, xb: module.apply(v, xb, train=False).argmax(-1))
+
+  def accuracy(variables) -> float:
+    hits = sum(int((np.asarray(predict(variables, xb)) == yb).sum()) for xb, yb in data.batches(x, y, batch_size))
+    return 100.0 * hits / len(y)
+
+  return accuracy
+
+
+def param_count(variables, spec, pl) -> int:
+  shapes = jax.eval_shape(lambda v: ifjax.apply_plan(v, spec, pl), variables)
+  return int(sum(np.prod(a.shape) for a in jax.tree.leaves(shapes["params"])))
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  with open(path, newline="") as f:
+    return [dict(r, sparsity=float(r["sparsity"]), accuracy=float(r["accuracy"])) for r in csv.DictReader(f)]
+
+
+def run(args) -> list[dict]:
+  module, spec, variables = ifjax.models.pretrained(args.model, args.checkpoint)
+  x, y = load_test_set(args.model, args.limit)
+  accuracy = make_evaluator(module, x, y, args.batch_size)
+  out = args.out
+  out.mkdir(parents=True, exist_ok=True)
+  csv_path = out / "results.csv"
+  rows = read_rows(csv_path)
+  done = {(r["importance"], r["group"], r["sparsity"], r["method"]) for r in rows
+          if r["model"] == args.model and int(r["test_images"]) == len(y)}
+  if done:
+    print(f"resuming: {len(done)} cells already in {csv_path}")
+
+  selections = [] if args.all_groups_only else [(str(spec.paper_index(g.name)), g.name) for g in spec.select(args.groups)]
+  selections.append(("all", None))
+  n_params = int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(variables["params"])))
+  cells = [(imp, sel, s, meth) for imp in args.importance for sel in selections for s in args.sparsities
+           for meth in args.methods if (imp, sel[0], s, meth) not in done]
+  new = []
+  if ("-", "-", 0.0, "dense") not in done:
+    new.append(dict(model=args.model, importance="-", group="-", group_name="-", sparsity=0.0, method="dense",
+                    accuracy=accuracy(variables), params=n_params, test_images=len(y)))
+    print(f"{args.model} dense: {new[-1]['accuracy']:.2f}% on {len(y)} test images, {n_params:,} parameters")
+  write_header = not csv_path.exists()
+  with open(csv_path, "a", newline="") as f:
+    writer = csv.DictWriter(f, FIELDS)
+    if write_header:
+      writer.writeheader()
+    writer.writerows(new)
+    f.flush()
+    scores = {}
+    t0 = time.perf_counter()
+    bar = tqdm(cells, desc=f"{args.model} grid", disable=None, dynamic_ncols=True)
+    for imp, (label, group), s, meth in bar:
+      if imp not in scores:
+        scores[imp] = importance_scores(imp, module, variables, spec, args.model, args.calibration_images)
+      pl = ifjax.plan(variables, spec, s, groups=group, importance=scores[imp], **method_options(meth))
+      acc = accuracy(ifjax.apply_plan(variables, spec, pl, keep_shapes=True))
+      row = dict(model=args.model, importance=imp, group=label, group_name=group or "all", sparsity=s, method=meth,
+                 accuracy=round(acc, 2), params=param_count(variables, spec, pl), test_images=len(y))
+      writer.writerow(row)
+      f.flush()
+      new.append(row)
+      bar.set_postfix_str(f"{label}@{s:.1f} {meth} {acc:.1f}%")
+    if cells:
+      print(f"{len(cells)} cells in {time.perf_counter() - t0:.0f} s")
+  return [r for r in read_rows(csv_path) if r["model"] == args.model and int(r["test_images"]) == len(y)]
+
+
+# -- reporting ----------------------------------------------------------------------------------------
+def summarize(rows: list[dict], methods: list[str], min_sparsity: float = 0.3) -> str:
+  """Markdown: the accuracy table, then win rate and mean gain of each method over default."""
+  dense = next((r["accuracy"] for r in rows if r["method"] == "dense"), float("nan"))
+  cells: dict[tuple, dict] = {}
+  for r in rows:
+    if r["method"] != "dense":
+      cells.setdefault((r["importance"], r["group"], r["group_name"], r["sparsity"]), {})[r["method"]] = r["accuracy"]
+  order = lambda k: (k[0], k[1] == "all", int(k[1]) if k[1].isdigit() else 0, k[3])
+  lines = [f"dense model: {dense:.2f}%\n", "| importance | group | sparsity | " + " | ".join(methods) + " |",
+           "|---|---|---|" + "---|" * len(methods)]
+  for key in sorted(cells, key=order):
+    imp, group, name, s = key
+    label = f"{group} ({name})" if group != "all" else "all groups"
+    lines.append(f"| {imp} | {label} | {s:.1f} | " + " | ".join(
+        f"{cells[key][m]:.2f}" if m in cells[key] else "" for m in methods) + " |")
+  lines += ["", win_rates(cells, methods, min_sparsity)]
+  return "\n".join(lines) + "\n"
+
+
+def win_rates(cells: dict, methods: list[str], min_sparsity: float) -> str:
+  """Per importance, method and sparsity: cells where the method beats default, and its mean gain (points)."""
+  others = [m for m in methods if m != "default"]
+  single = {k: v for k, v in cells.items() if k[1] != "all" and "default" in v}
+  if not others or not single:
+    return ""
+  sparsities = sorted({k[3] for k in single})
+  lines = ["Single-group cells: method beats default in wins/cells (mean gain in points).", "",
+           "| importance | method | " + " | ".join(f"{s:.1f}" for s in sparsities) + f" | ≥ {min_sparsity} |",
+           "|---|---|" + "---|" * (len(sparsities) + 1)]
+  for imp in sorted({k[0] for k in single}):
+    for m in others:
+      def stat(keep):
+        diffs = [v[m] - v["default"] for k, v in single.items() if k[0] == imp and keep(k[3]) and m in v]
+        return f"{sum(d > 0 for d in diffs)}/{len(diffs)} ({np.mean(diffs):+.2f})" if diffs else ""
+      lines.append(f"| {imp} | {m} | " + " | ".join(stat(lambda t, s=s: t == s) for s in sparsities)
+                   + f" | {stat(lambda t: t >= min_sparsity - 1e-9)} |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], methods: list[str], path: pathlib.Path):
+  """Accuracy vs sparsity, one panel per (importance, group)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  dense = next((r["accuracy"] for r in rows if r["method"] == "dense"), None)
+  panels = sorted({(r["importance"], r["group"]) for r in rows if r["method"] != "dense"},
+                  key=lambda k: (k[0], k[1] == "all", int(k[1]) if k[1].isdigit() else 0))
+  cols = min(6, len(panels))
+  nrows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.3 * nrows), sharey=True, squeeze=False)
+  for ax, (imp, group) in zip(axes.flat, panels):
+    sub = [r for r in rows if r["importance"] == imp and r["group"] == group]
+    for m in methods:
+      pts = sorted((r["sparsity"], r["accuracy"]) for r in sub if r["method"] == m)
+      if pts:
+        ax.plot(*zip(*pts), marker="o", ms=3, label=m)
+    if dense is not None:
+      ax.axhline(dense, color="gray", ls=":", lw=1)
+    name = sub[0]["group_name"] if group != "all" else "all groups"
+    ax.set_title(f"{imp}: {group} {name}" if group != "all" else f"{imp}: all groups", fontsize=7)
+    ax.tick_params(labelsize=7)
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=6)
+  fig.supxlabel("neuron sparsity", fontsize=8)
+  fig.supylabel("test accuracy (%)", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--model", default="resnet20", help="zoo model with pretrained weights: "
+                  "resnet20, resnet56, lenet5, efficientnet_lite0")
+  ap.add_argument("--checkpoint", type=pathlib.Path, help="weights file (default: the one under IFJAX_DATA "
+                  "or the installed package)")
+  ap.add_argument("--importance", nargs="+", default=["l1"], help="l1, l2, linf, lamp, taylor, random")
+  ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+  ap.add_argument("--groups", type=int, nargs="+", help="paper indices (0 = closest to the output); default all")
+  ap.add_argument("--all-groups-only", action="store_true", help="only prune all groups at once")
+  ap.add_argument("--methods", nargs="+", default=["default", "if_paper", "if_bary"])
+  ap.add_argument("--limit", type=int, help="evaluate on a class-balanced subset of this many test images")
+  ap.add_argument("--calibration-images", type=int, default=500, help="training images for taylor importance")
+  ap.add_argument("--batch-size", type=int, default=500)
+  ap.add_argument("--out", type=pathlib.Path, required=True, help="folder for results.csv, results.md, accuracy.png")
+  args = ap.parse_args(argv)
+  for m in args.methods:
+    method_options(m)
+  t0 = time.perf_counter()
+  rows = run(args)
+  methods = [m for m in args.methods]
+  table = summarize(rows, methods)
+  (args.out / "results.md").write_text(table)
+  plot(rows, methods, args.out / "accuracy.png")
+  print(table)
+  print(f"wrote {args.out}/results.csv, results.md, accuracy.png in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
