@@ -15,7 +15,8 @@ from it), ``results.md`` (table + win rates) and ``accuracy.png``. Methods:
 ``default`` (keep the m most important), ``if_paper`` / ``if_bary`` (Intra-Fusion
 with the paper's or the barycentric normalization), and variants made by adding
 ``+bias`` (biases in the cost), ``+centroid`` (k-means target) or ``+mass``
-(importance marginals) to an ``if_`` method. Every pruned model is evaluated as
+(importance marginals) to an ``if_`` method; ``+bn`` (also on ``default``) is
+*data-light*: BN statistics re-estimated on 500 unlabelled training images. Every pruned model is evaluated as
 the full-size network with the dropped channels zeroed
 (``apply_plan(..., keep_shapes=True)``), which computes the same function as
 the smaller network and needs one compilation for the whole grid.
@@ -39,15 +40,16 @@ FIELDS = ["model", "importance", "group", "group_name", "sparsity", "method", "a
 BASES = {"default": dict(fuse=False), "if_paper": dict(normalization="paper"),
          "if_bary": dict(normalization="barycentric")}
 MODIFIERS = {"bias": dict(include_bias=True), "centroid": dict(target="cluster_centroid"),
-             "mass": dict(source_mass="importance", target_mass="importance")}
+             "mass": dict(source_mass="importance", target_mass="importance"),
+             "bn": {}}  # data-light: BN statistics re-estimated on unlabelled training images after pruning
 
 
 def method_options(name: str) -> dict:
-  """'if_bary+bias+mass' -> keyword arguments of :func:`ifjax.plan`."""
+  """'if_bary+bias+mass' -> keyword arguments of :func:`ifjax.plan` ('+bn' is applied after the plan)."""
   base, *mods = name.split("+")
-  if base not in BASES or (mods and base == "default") or any(m not in MODIFIERS for m in mods):
-    raise ValueError(f"unknown method {name!r}: use default, or one of {sorted(set(BASES) - {'default'})} "
-                     f"followed by any of {['+' + m for m in MODIFIERS]}")
+  if base not in BASES or any(m not in MODIFIERS for m in mods) or (base == "default" and set(mods) - {"bn"}):
+    raise ValueError(f"unknown method {name!r}: use default or default+bn, or one of "
+                     f"{sorted(set(BASES) - {'default'})} followed by any of {['+' + m for m in MODIFIERS]}")
   opts = dict(BASES[base])
   for m in mods:
     opts.update(MODIFIERS[m])
@@ -69,14 +71,19 @@ def load_test_set(model: str, limit: int | None):
   return data.preprocess(model, x), y
 
 
-def calibration_batches(model: str, n: int, batch_size: int = 128):
-  """Labelled batches for data-driven importance (Taylor): CIFAR's *train* split only, never test images."""
+_CALIBRATION: dict = {}
+
+
+def calibration_batches(model: str, n: int, batch_size: int = 250):
+  """Labelled training batches for Taylor importance and '+bn': CIFAR's *train* split, never test images."""
   if not model.startswith("resnet"):
-    raise ValueError(f"taylor importance needs training images, which ../shared/data has only for CIFAR "
+    raise ValueError(f"taylor importance and +bn need training images, which ../shared/data has only for CIFAR "
                      f"(resnet models), not for {model!r}")
-  x, y = data.cifar10_jpeg("train", limit=n)
-  x = data.preprocess(model, x)
-  return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+  if (model, n) not in _CALIBRATION:
+    x, y = data.cifar10_jpeg("train", limit=n)
+    x = data.preprocess(model, x)
+    _CALIBRATION[model, n] = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+  return _CALIBRATION[model, n]
 
 
 def importance_scores(name: str, module, variables, spec, model: str, calib: int) -> dict:
@@ -99,6 +106,14 @@ def make_evaluator(module, x, y, batch_size: int):
     return 100.0 * hits / len(y)
 
   return accuracy
+
+
+def recalibrated_accuracy(module, variables, spec, pl, calib, x, y, args) -> float:
+  """Accuracy of the reduced model after :func:`ifjax.recalibrate_batchnorm` on the calibration images."""
+  small, _ = ifjax.models.get(args.model, num_classes=module.num_classes, widths=ifjax.widths(variables, spec, pl))
+  fixed = ifjax.recalibrate_batchnorm(small.apply, ifjax.apply_plan(variables, spec, pl), variables, spec, pl,
+                                      [xb for xb, _ in calib])
+  return make_evaluator(small, x, y, args.batch_size)(fixed)
 
 
 def param_count(variables, spec, pl) -> int:
@@ -150,7 +165,11 @@ def run(args) -> list[dict]:
       if imp not in scores:
         scores[imp] = importance_scores(imp, module, variables, spec, args.model, args.calibration_images)
       pl = ifjax.plan(variables, spec, s, groups=group, importance=scores[imp], **method_options(meth))
-      acc = accuracy(ifjax.apply_plan(variables, spec, pl, keep_shapes=True))
+      if "bn" in meth.split("+")[1:]:
+        acc = recalibrated_accuracy(module, variables, spec, pl, calibration_batches(args.model, args.calibration_images),
+                                    x, y, args)
+      else:
+        acc = accuracy(ifjax.apply_plan(variables, spec, pl, keep_shapes=True))
       row = dict(model=args.model, importance=imp, group=label, group_name=group or "all", sparsity=s, method=meth,
                  accuracy=round(acc, 2), params=param_count(variables, spec, pl), test_images=len(y))
       writer.writerow(row)

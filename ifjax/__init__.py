@@ -9,6 +9,7 @@ from ifjax import importance, models
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
+from ifjax._repair import recalibrate_batchnorm
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
@@ -43,6 +44,7 @@ __all__ = [
     "plan",
     "prune",
     "read_torch",
+    "recalibrate_batchnorm",
     "solve_exact",
     "solve_sinkhorn",
     "state_dict",

@@ -20,7 +20,7 @@ def _script(name):
 
 def test_method_names():
   df = _script("data_free")
-  assert df.method_options("default") == {"fuse": False}
+  assert df.method_options("default") == df.method_options("default+bn") == {"fuse": False}
   assert df.method_options("if_bary+bias+mass") == {"normalization": "barycentric", "include_bias": True,
                                                     "source_mass": "importance", "target_mass": "importance"}
   for bad in ("if_nope", "default+bias", "if_paper+typo"):

@@ -205,3 +205,31 @@ def test_zero_padded_plan_computes_the_pruned_model(name, fuse):
   spec_small.validate(small)
   want = module_small.apply(small, x, train=False)
   np.testing.assert_allclose(module.apply(padded, x, train=False), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_recalibrated_batchnorm_reproduces_train_mode():
+  """With no group pruned, re-estimating the BNs of the folded model on a batch gives, in eval mode, exactly
+  the original model in train mode on that batch (same statistics, same |gamma| and beta)."""
+  module, spec, v, x = _model("resnet20")
+  folded = ifjax.apply_plan(v, spec, {})
+  fixed = ifjax.recalibrate_batchnorm(module.apply, folded, v, spec, {}, [x])
+  want, _ = module.apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(module.apply(fixed, x, train=False), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_recalibrated_batchnorm_takes_the_kept_neurons_affine():
+  module, spec, v, x = _model("resnet20")
+  pl = ifjax.plan(v, spec, 0.5, groups=["layer1_0/conv1", "stream2a"], fuse=False)
+  small, _ = ifjax.models.get("resnet20", widths=ifjax.widths(v, spec, pl))
+  fixed = ifjax.recalibrate_batchnorm(small.apply, ifjax.apply_plan(v, spec, pl), v, spec, pl, [x])
+  keep = np.asarray(pl["layer1_0/conv1"].keep)
+  got = fixed["params"]["layer1_0"]["bn1"]
+  np.testing.assert_allclose(got["scale"], np.abs(v["params"]["layer1_0"]["bn1"]["scale"])[keep], rtol=1e-6)
+  np.testing.assert_allclose(got["bias"], v["params"]["layer1_0"]["bn1"]["bias"][keep], rtol=1e-6)
+  keep2 = np.asarray(pl["stream2a"].keep)  # stream2a = channels 0..7 of stage 2's stream: bn2 of every block there
+  np.testing.assert_allclose(fixed["params"]["layer2_1"]["bn2"]["bias"][:4], v["params"]["layer2_1"]["bn2"]["bias"][keep2])
+  np.testing.assert_allclose(fixed["params"]["layer2_1"]["bn2"]["bias"][4:], v["params"]["layer2_1"]["bn2"]["bias"][8:])
+  assert np.all(np.isfinite(np.asarray(small.apply(fixed, x))))
+  with pytest.raises(ValueError, match="cluster_centroid"):
+    ifjax.recalibrate_batchnorm(small.apply, fixed, v, spec, ifjax.plan(v, spec, 0.5, groups=[0], target="cluster_centroid"),
+                                [x])

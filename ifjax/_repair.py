@@ -1,0 +1,106 @@
+"""Data-light repair after pruning or fusion: re-estimating BatchNorm statistics.
+
+Not part of Intra-Fusion, which is data-free. Kept separate so that results
+with and without data are never mixed up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifjax._fuse import Plan, _edit_axis, derived_bn
+from ifjax._spec import Spec, Variables, flatten, unflatten
+
+
+def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, variables: Variables, spec: Spec,
+                          plan: Plan, batches: Iterable[Any]) -> dict:
+  """Resets every BN of ``pruned`` to its original affine output and re-estimates its statistics.
+
+  After :func:`ifjax.apply_plan` the BNs are folded (identity). Here each BN
+  channel gets back the scale ``|gamma|`` and bias ``beta`` that the original
+  BN had for the neuron it stands for (a kept neuron, or the one a fused
+  neuron was fused into), and its mean / var become the statistics of its
+  input on ``batches`` (unlabelled inputs), measured in train mode so every BN
+  sees its upstream already re-estimated. This is the usual BN reset of
+  pruning and model-fusion work, not Intra-Fusion.
+
+  Args:
+    apply_fn: a Flax linen ``module.apply`` (called as ``apply_fn(v, x,
+      train=True, mutable=["batch_stats"])``) for the *pruned* widths.
+    pruned: variables returned by ``apply_plan(variables, spec, plan)``.
+    variables: the original (unfolded) variables.
+    spec, plan: as given to ``apply_plan``; the plan must keep neurons
+      (``target="most_important"`` or plain pruning).
+    batches: iterable of input batches (no labels).
+
+  Returns:
+    New variables for the pruned model; the inputs are not modified.
+  """
+  if any(gp.keep is None for gp in plan.values()):
+    raise ValueError("recalibrate_batchnorm needs the kept neurons of every group; the cluster_centroid target has "
+                     "none")
+  orig, new = flatten(variables), dict(flatten(pruned))
+  targets = {}
+  for pair in spec.batchnorms:
+    scale, bias = f"params/{pair.bn}/scale", f"params/{pair.bn}/bias"
+    n = np.shape(orig[f"batch_stats/{pair.bn}/mean"])[0]
+    targets[scale] = jnp.abs(jnp.asarray(orig[scale], jnp.float32)) if scale in orig else jnp.ones(n)
+    targets[bias] = jnp.asarray(orig[bias], jnp.float32) if bias in orig else jnp.zeros(n)
+  targets = _select_kept(targets, spec, plan)
+  for pair in spec.batchnorms:
+    for k in ("scale", "bias"):
+      path = f"params/{pair.bn}/{k}"
+      if path in new:
+        new[path] = targets[path].astype(new[path].dtype)
+  stats = _batch_statistics(apply_fn, unflatten(new), batches)
+  new.update({p: a.astype(new[p].dtype) for p, a in stats.items()})
+  return unflatten(new)
+
+
+def _select_kept(arrays: Mapping[str, jax.Array], spec: Spec, plan: Plan) -> dict[str, jax.Array]:
+  """Per-channel BN ``arrays`` (original layout) cut to the pruned layout by each group's keep set."""
+  by_name = {g.name: g for g in spec.groups}
+  edits: dict = {}
+  for name, gp in plan.items():
+    g = by_name[name]
+    for m, _ in derived_bn(spec, g):
+      if m.path.startswith("params/") and m.path.rsplit("/", 1)[1] in ("scale", "bias") and m.path in arrays:
+        edits.setdefault(m._replace(offset=0), []).append((m.offset, gp.importance.shape[0], "identity", gp))
+  out = dict(arrays)
+  for view, segs in edits.items():
+    out[view.path] = _edit_axis(arrays[view.path], view, sorted(segs, key=lambda s: s[0]), False)
+  return out
+
+
+def _batch_statistics(apply_fn, variables, batches) -> dict[str, jax.Array]:
+  """Mean over ``batches`` of every BN's batch mean and variance, whatever the BNs' momentum.
+
+  A train-mode pass updates ``stat <- m * stat + (1 - m) * batch``; two passes
+  starting from stat = 0 and stat = 1 give ``a = (1 - m) b`` and ``c = m + a``,
+  hence ``b = a / (1 - c + a)``.
+  """
+  flat = flatten(variables)
+  stat_paths = [p for p in flat if p.startswith("batch_stats/")]
+  if not stat_paths:
+    raise ValueError("the variables have no batch_stats to re-estimate")
+
+  @jax.jit
+  def pass_(stats_value, x):
+    v = unflatten({**flat, **{p: jnp.full_like(flat[p], stats_value) for p in stat_paths}})
+    _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"])
+    return {p: a for p, a in flatten({"batch_stats": upd["batch_stats"]}).items()}
+
+  total, count = None, 0
+  for x in batches:
+    a, c = pass_(0.0, x), pass_(1.0, x)
+    b = {p: a[p] / (1.0 - c[p] + a[p]) for p in stat_paths}
+    total = b if total is None else {p: total[p] + b[p] for p in stat_paths}
+    count += 1
+  if not count:
+    raise ValueError("recalibrate_batchnorm needs at least one batch")
+  return {p: t / count for p, t in total.items()}
