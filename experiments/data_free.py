@@ -203,18 +203,21 @@ def summarize(rows: list[dict], methods: list[str], min_sparsity: float = 0.3) -
 
 def win_rates(cells: dict, methods: list[str], min_sparsity: float) -> str:
   """Per importance, method and sparsity: cells where the method beats default, and its mean gain (points)."""
-  others = [m for m in methods if m != "default"]
-  single = {k: v for k, v in cells.items() if k[1] != "all" and "default" in v}
+  others = [m for m in methods if m not in ("default", "default+bn")]
+  single = {k: v for k, v in cells.items() if k[1] != "all"}
   if not others or not single:
     return ""
   sparsities = sorted({k[3] for k in single})
-  lines = ["Single-group cells: method beats default in wins/cells (mean gain in points).", "",
+  lines = ["Single-group cells: method beats default (default+bn for '+bn' methods) in wins/cells "
+           "(mean gain in points).", "",
            "| importance | method | " + " | ".join(f"{s:.1f}" for s in sparsities) + f" | ≥ {min_sparsity} |",
            "|---|---|" + "---|" * (len(sparsities) + 1)]
   for imp in sorted({k[0] for k in single}):
     for m in others:
-      def stat(keep):
-        diffs = [v[m] - v["default"] for k, v in single.items() if k[0] == imp and keep(k[3]) and m in v]
+      base = "default+bn" if m.endswith("+bn") else "default"
+
+      def stat(keep, m=m, base=base):
+        diffs = [v[m] - v[base] for k, v in single.items() if k[0] == imp and keep(k[3]) and m in v and base in v]
         return f"{sum(d > 0 for d in diffs)}/{len(diffs)} ({np.mean(diffs):+.2f})" if diffs else ""
       lines.append(f"| {imp} | {m} | " + " | ".join(stat(lambda t, s=s: t == s) for s in sparsities)
                    + f" | {stat(lambda t: t >= min_sparsity - 1e-9)} |")
