@@ -118,16 +118,17 @@ def cifar_resnet_torch_keys(blocks: int) -> dict[str, tuple[str, str]]:
   """``{flax path: (torch key, layout)}`` for akamaster's state_dict (``module.`` stripped)."""
   keys = {"params/stem_conv/kernel": ("conv1.weight", "conv"), "params/fc/kernel": ("linear.weight", "dense"),
           "params/fc/bias": ("linear.bias", "vector")}
-  keys.update(_bn_keys("stem_bn", "bn1"))
+  keys.update(bn_torch_keys("stem_bn", "bn1"))
   for s in (1, 2, 3):
     for b in range(blocks):
       for k in (1, 2):
         keys[f"params/layer{s}_{b}/conv{k}/kernel"] = (f"layer{s}.{b}.conv{k}.weight", "conv")
-        keys.update(_bn_keys(f"layer{s}_{b}/bn{k}", f"layer{s}.{b}.bn{k}"))
+        keys.update(bn_torch_keys(f"layer{s}_{b}/bn{k}", f"layer{s}.{b}.bn{k}"))
   return keys
 
 
-def _bn_keys(flax: str, torch: str) -> dict[str, tuple[str, str]]:
+def bn_torch_keys(flax: str, torch: str) -> dict[str, tuple[str, str]]:
+  """The four arrays of a Flax BatchNorm and their PyTorch names."""
   return {f"params/{flax}/scale": (f"{torch}.weight", "vector"), f"params/{flax}/bias": (f"{torch}.bias", "vector"),
           f"batch_stats/{flax}/mean": (f"{torch}.running_mean", "vector"),
           f"batch_stats/{flax}/var": (f"{torch}.running_var", "vector")}

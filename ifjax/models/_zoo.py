@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from ifjax._spec import Group, Spec
 
