@@ -70,6 +70,7 @@ class _Tracer:
     self.parent: list[int] = []
     self.classes: list[_Class] = []
     self.bn: dict[str, str] = {}  # bn module -> layer module
+    self.eps: dict[str, float] = {}  # bn module -> epsilon seen in var + eps
     self.bn_modules = {p.split("/", 1)[1].rsplit("/", 1)[0] for p in shapes if p.startswith("batch_stats/")
                        and p.endswith("/var")}
     self.eqn_counter = 0
@@ -162,6 +163,8 @@ class _Tracer:
     shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
     out_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars]
     if name in _ELEMENTWISE:
+      if name == "add":
+        self.note_eps(eqn, ins)
       return [self.elementwise(name, ins, shapes, out_shapes[0])]
     if name in _IDENTITY:
       return [ins[0]] + [_Value() for _ in out_shapes[1:]]
@@ -179,6 +182,13 @@ class _Tracer:
     raise UnsupportedPrimitiveError(
         f"no rule for primitive {name!r}, which touches {what}. Hint: write the spec by hand for this part, or "
         "keep the op out of the traced function; ifjax does not guess how a primitive moves channels.")
+
+  def note_eps(self, eqn, ins):
+    """``var + eps`` of a BatchNorm: remember its epsilon (folding needs the model's own)."""
+    for v, other in ((ins[0], eqn.invars[1]), (ins[1], eqn.invars[0])):
+      if (v.param and v.param[0].startswith("batch_stats/") and v.param[0].endswith("/var")
+          and isinstance(other, jex.core.Literal) and np.ndim(other.val) == 0):
+        self.eps[_module(v.param[0])] = float(str(np.float32(other.val)))  # 1e-3, not 0.0010000000474974513
 
   def describe(self, v: _Value) -> str:
     if v.param:
@@ -644,7 +654,7 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
     shared = any(m.offset or _axis_len(shapes, m) != cls.size for m in producers + consumers)
     groups.append(((last, first_eqn, first.offset), Group(name, producers, consumers, cls.size if shared else None)))
   groups.sort(key=lambda t: t[0])
-  bns = [BatchNormPair(layer, bn) for bn, layer in tracer.bn.items()]
+  bns = [BatchNormPair(layer, bn, *([tracer.eps[bn]] if bn in tracer.eps else [])) for bn, layer in tracer.bn.items()]
   return Spec(tuple(g for _, g in groups), tuple(bns))
 
 

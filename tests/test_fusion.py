@@ -794,3 +794,40 @@ def test_importance_marginals(solver, rng):
   gp = ifjax.plan(v, spec, 0.3, solver=solver, source_mass="importance", normalization="barycentric",
                   epsilon=eps, fallback="raise")["h0"]
   np.testing.assert_allclose(np.sum(gp.producer_map, 1), 1.0, atol=1e-4)
+
+
+# -- depthwise: expand conv -> BN -> ReLU6 -> depthwise conv -> BN -> ReLU6 -> project conv ----------------
+class _MBConv(nn.Module):
+  inner: int
+
+  @nn.compact
+  def __call__(self, x):
+    bn = lambda name: nn.BatchNorm(use_running_average=True, epsilon=1e-3, name=name)
+    y = nn.relu6(bn("expand_bn")(nn.Conv(self.inner, (1, 1), use_bias=False, name="expand")(x)))
+    y = nn.relu6(bn("dw_bn")(nn.Conv(self.inner, (3, 3), feature_group_count=self.inner, use_bias=False,
+                                      name="dw")(y)))
+    return nn.Conv(4, (1, 1), name="project")(y)
+
+
+def test_depthwise_duplicates_preserve_function(rng, rel_err):
+  """The depthwise kernel is fused with the same map as its channels: merging exact duplicate channels
+  through expand -> depthwise -> project keeps the function (barycentric); selecting the depthwise
+  kernels only, as the authors' code does, would be the same here, but not for non-duplicates."""
+  c_in, k = 3, 4
+  perm, pair = _pairs(rng, k)
+  dup = lambda a, axis: _dup(a, axis, perm)
+  v = _f32({"params": {
+      "expand": {"kernel": dup(rng.normal(size=(1, 1, c_in, k)), 3)},
+      "expand_bn": {"scale": dup(rng.uniform(0.5, 1.5, k), 0), "bias": dup(rng.normal(size=k), 0)},
+      "dw": {"kernel": dup(rng.normal(size=(3, 3, 1, k)), 3)},
+      "dw_bn": {"scale": dup(rng.uniform(0.5, 1.5, k), 0), "bias": dup(rng.normal(size=k), 0)},
+      "project": {"kernel": _split(rng.normal(size=(1, 1, k, 4)), 2, perm, rng, 1e-4), "bias": rng.normal(size=4)}},
+      "batch_stats": {"expand_bn": {"mean": dup(0.3 * rng.normal(size=k), 0), "var": dup(rng.uniform(0.5, 2, k), 0)},
+                      "dw_bn": {"mean": dup(0.3 * rng.normal(size=k), 0), "var": dup(rng.uniform(0.5, 2, k), 0)}}})
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, c_in)), jnp.float32)
+  spec = ifjax.trace_spec(_MBConv(2 * k).apply, v, x)
+  (g,) = spec.groups
+  assert ("params/dw/kernel", 3, 0) in g.producers and set(spec.batchnorms) == {("expand", "expand_bn", 1e-3), ("dw", "dw_bn", 1e-3)}
+  out = ifjax.intra_fuse(v, spec, 0.5, importance={g.name: _pair_scores(rng, pair)}, normalization="barycentric")
+  assert out["params"]["dw"]["kernel"].shape == (3, 3, 1, k)
+  assert rel_err(_MBConv(k).apply(out, x), _MBConv(2 * k).apply(v, x)) < 1e-5
