@@ -227,9 +227,12 @@ class _Tracer:
             self.per_channel(path, pax, out.labels[ax], name, acts)
         elif not acts:
           out.params[ax] = out.params.get(ax, frozenset()) | members
-    origins = {v.origin for v, _ in acts if v.origin}
-    if acts and len(origins) == 1 and len(acts) == 1 and name in _AFFINE:
+    origins = {v.origin for v, _ in acts}
+    if acts and len(origins) == 1 and None not in origins and name in _AFFINE:  # still that layer's output
       out.origin = origins.pop()
+    kernels = [v.param[0] for v, _ in prms if v.param and v.param[0].endswith("/kernel")]
+    if name == "mul" and acts and out.labels and kernels:  # a per-channel (depthwise) kernel tap
+      out.origin = _module(kernels[0])
     return out
 
   def overlay(self, operands, name) -> tuple[Seg, ...]:
@@ -287,9 +290,9 @@ class _Tracer:
       if prev != origin:
         raise UnsupportedPrimitiveError(f"BatchNorm {module!r} follows both {prev!r} and {origin!r}")
       return
-    if name not in ("add", "sub"):
+    if name not in ("add", "sub", "mul"):
       raise UnsupportedPrimitiveError(f"per-channel parameter {path!r} enters channels through {name!r}; only "
-                                      "biases (add) and BatchNorm are supported")
+                                      "biases (add), per-channel scales (mul) and BatchNorm are supported")
     if len(segs) != 1 or segs[0][0] == "flat":
       raise UnsupportedPrimitiveError(f"per-channel parameter {path!r} spans several groups or a flattened axis")
     start, length, c, off = segs[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +181,15 @@ def test_pretrained_top1_first_50(pretrained):
 @pytest.mark.slow
 def test_pretrained_top1_imagenet_sample(pretrained):
   assert abs(_top1(pretrained[1]) - TOP1_SAMPLE) <= 0.01
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 1, 9), (3, 2, 8), (3, 2, 7), (5, 2, 9), (5, 2, 14), (5, 1, 7)])
+def test_depthwise_conv_equals_the_grouped_conv(k, stride, size):
+  """The shifted-sum depthwise conv computes what nn.Conv(feature_group_count=C, padding="SAME") does."""
+  from ifjax.models._efficientnet import DepthwiseConv
+
+  x = jnp.asarray(np.random.default_rng(k * size).normal(size=(2, size, size + 1, 6)), jnp.float32)
+  dw = DepthwiseConv(k, stride)
+  v = dw.init(jax.random.key(0), x)
+  ref = nn.Conv(6, (k, k), stride, padding="SAME", feature_group_count=6, use_bias=False)
+  np.testing.assert_allclose(dw.apply(v, x), ref.apply(v, x), atol=1e-5)

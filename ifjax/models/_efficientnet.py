@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from ifjax._spec import Group, Spec
 from ifjax.models._pretrained import bn_torch_keys
@@ -67,6 +68,35 @@ def default_widths() -> dict[str, int]:
   return w
 
 
+class DepthwiseConv(nn.Module):
+  """kxk depthwise conv, TF "SAME" padding, no bias; parameter ``kernel`` (k, k, 1, C) as ``nn.Conv`` has it.
+
+  Computed as the sum of k*k shifted (strided) copies of the padded input, each scaled per channel:
+  the numbers of ``nn.Conv(feature_group_count=C)`` (checked in the tests), about 8x faster on XLA:CPU,
+  whose grouped convolutions are slow. ``trace_spec`` sees a per-channel multiplier, i.e. a producer of
+  the channels' group, as it does for the grouped conv.
+  """
+
+  kernel_size: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    k, s = self.kernel_size, self.stride
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]), jnp.float32)
+    (h, w), pads = x.shape[1:3], []
+    for n in (h, w):
+      total = max((-(-n // s) - 1) * s + k - n, 0)
+      pads.append((total // 2, total - total // 2))
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    oh, ow = -(-h // s), -(-w // s)
+    out = 0.0
+    for i in range(k):
+      for j in range(k):
+        out = out + xp[:, i:i + (oh - 1) * s + 1:s, j:j + (ow - 1) * s + 1:s, :] * kernel[i, j, 0]
+    return out
+
+
 class MBConv(nn.Module):
   """[1x1 ``expand_conv`` -> BN -> ReLU6] -> kxk depthwise ``dw_conv`` (stride) -> BN -> ReLU6 -> 1x1
   ``project_conv`` -> BN (linear), + the input when ``skip``. (batch, H, W, C) -> (batch, H', W', out)."""
@@ -83,8 +113,7 @@ class MBConv(nn.Module):
     y = x
     if self.expand:
       y = nn.relu6(_bn("expand_bn", train)(nn.Conv(self.inner, (1, 1), use_bias=False, name="expand_conv")(x)))
-    y = nn.Conv(self.inner, (self.kernel, self.kernel), self.stride, padding="SAME", feature_group_count=self.inner,
-                use_bias=False, name="dw_conv")(y)
+    y = DepthwiseConv(self.kernel, self.stride, name="dw_conv")(y)
     y = nn.relu6(_bn("dw_bn", train)(y))
     y = _bn("project_bn", train)(nn.Conv(self.out, (1, 1), use_bias=False, name="project_conv")(y))
     return y + x if self.skip else y
