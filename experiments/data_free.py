@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import pathlib
+import sys
 import time
 
 import jax
@@ -278,7 +279,8 @@ def main(argv=None):
   t0 = time.perf_counter()
   rows = run(args)
   methods = [m for m in args.methods]
-  table = summarize(rows, methods)
+  command = "python experiments/data_free.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  table = f"`{command}`\n\n" + summarize(rows, methods)
   (args.out / "results.md").write_text(table)
   plot(rows, methods, args.out / "accuracy.png")
   print(table)
