@@ -198,12 +198,16 @@ def summarize(rows: list[dict], methods: list[str], min_sparsity: float = 0.3) -
     label = f"{group} ({name})" if group != "all" else "all groups"
     lines.append(f"| {imp} | {label} | {s:.1f} | " + " | ".join(
         f"{cells[key][m]:.2f}" if m in cells[key] else "" for m in methods) + " |")
-  lines += ["", win_rates(cells, methods, min_sparsity)]
+  lines += ["", win_rates(cells, methods, min_sparsity, dense)]
   return "\n".join(lines) + "\n"
 
 
-def win_rates(cells: dict, methods: list[str], min_sparsity: float) -> str:
-  """Per importance, method and sparsity: cells where the method beats default, and its mean gain (points)."""
+def win_rates(cells: dict, methods: list[str], min_sparsity: float, dense: float) -> str:
+  """Per importance, method and sparsity: cells where the method beats default, and its mean gain (points).
+
+  The last column keeps the cells (sparsity >= ``min_sparsity``) where default pruning costs at least
+  2 points: the volatile groups, where there is something to recover.
+  """
   others = [m for m in methods if m not in ("default", "default+bn")]
   single = {k: v for k, v in cells.items() if k[1] != "all"}
   if not others or not single:
@@ -211,17 +215,20 @@ def win_rates(cells: dict, methods: list[str], min_sparsity: float) -> str:
   sparsities = sorted({k[3] for k in single})
   lines = ["Single-group cells: method beats default (default+bn for '+bn' methods) in wins/cells "
            "(mean gain in points).", "",
-           "| importance | method | " + " | ".join(f"{s:.1f}" for s in sparsities) + f" | ≥ {min_sparsity} |",
-           "|---|---|" + "---|" * (len(sparsities) + 1)]
+           "| importance | method | " + " | ".join(f"{s:.1f}" for s in sparsities) + f" | ≥ {min_sparsity} | "
+           f"≥ {min_sparsity}, default ≤ dense − 2 |",
+           "|---|---|" + "---|" * (len(sparsities) + 2)]
   for imp in sorted({k[0] for k in single}):
     for m in others:
       base = "default+bn" if m.endswith("+bn") else "default"
 
-      def stat(keep, m=m, base=base):
-        diffs = [v[m] - v[base] for k, v in single.items() if k[0] == imp and keep(k[3]) and m in v and base in v]
+      def stat(keep, m=m, base=base, volatile=False):
+        diffs = [v[m] - v[base] for k, v in single.items() if k[0] == imp and keep(k[3]) and m in v and base in v
+                 and (not volatile or v[base] <= dense - 2)]
         return f"{sum(d > 0 for d in diffs)}/{len(diffs)} ({np.mean(diffs):+.2f})" if diffs else ""
+      high = lambda t: t >= min_sparsity - 1e-9
       lines.append(f"| {imp} | {m} | " + " | ".join(stat(lambda t, s=s: t == s) for s in sparsities)
-                   + f" | {stat(lambda t: t >= min_sparsity - 1e-9)} |")
+                   + f" | {stat(high)} | {stat(high, volatile=True)} |")
   return "\n".join(lines)
 
 
