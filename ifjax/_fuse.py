@@ -243,23 +243,30 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: boo
   channels, e.g. a LayerNorm over them), and one compiled model can evaluate
   many plans.
   """
-  folded = fold_batchnorm(variables, spec)
-  flat = flatten(folded)
+  flat = flatten(fold_batchnorm(variables, spec))
+
+  def roles(g: Group):
+    out = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
+    return out + [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
+
+  return unflatten(edit_members(flat, spec, plan, roles, keep_shapes))
+
+
+def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_shapes: bool = False) -> dict:
+  """``flat`` with every ``(member, role)`` of ``roles(group)`` reduced by its group's plan; other arrays as
+  they are. Members sharing an axis (segments) are edited together, in offset order."""
   by_name = {g.name: g for g in spec.groups}
   edits: dict[Member | FlatMember, list[tuple[int, int, str, GroupPlan]]] = {}
   for name, gp in plan.items():
     if name not in by_name:
       raise ValueError(f"plan has group {name!r}, which the spec does not have ({list(by_name)})")
-    g = by_name[name]
-    n = gp.importance.shape[0]
-    roles = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
-    roles += [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
-    for m, role in roles:
+    for m, role in roles(by_name[name]):
       view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
-      edits.setdefault(view, []).append((m.offset, n, role, gp))
+      edits.setdefault(view, []).append((m.offset, gp.importance.shape[0], role, gp))
+  out = dict(flat)
   for view, segs in edits.items():
-    flat[view.path] = _edit_axis(flat[view.path], view, sorted(segs, key=lambda s: s[0]), keep_shapes)
-  return unflatten(flat)
+    out[view.path] = _edit_axis(out[view.path], view, sorted(segs, key=lambda s: s[0]), keep_shapes)  # an array may have 2 axes edited
+  return out
 
 
 def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: bool) -> jax.Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._fuse import Plan, _edit_axis, derived_bn
+from ifjax._fuse import Plan, derived_bn, edit_members
 from ifjax._spec import Spec, Variables, flatten, unflatten
 
 
@@ -63,18 +63,12 @@ def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, varia
 
 
 def _select_kept(arrays: Mapping[str, jax.Array], spec: Spec, plan: Plan) -> dict[str, jax.Array]:
-  """Per-channel BN ``arrays`` (original layout) cut to the pruned layout by each group's keep set."""
-  by_name = {g.name: g for g in spec.groups}
-  edits: dict = {}
-  for name, gp in plan.items():
-    g = by_name[name]
-    for m, _ in derived_bn(spec, g):
-      if m.path.startswith("params/") and m.path.rsplit("/", 1)[1] in ("scale", "bias") and m.path in arrays:
-        edits.setdefault(m._replace(offset=0), []).append((m.offset, gp.importance.shape[0], "identity", gp))
-  out = dict(arrays)
-  for view, segs in edits.items():
-    out[view.path] = _edit_axis(arrays[view.path], view, sorted(segs, key=lambda s: s[0]), False)
-  return out
+  """Per-channel BN scale / bias ``arrays`` (original layout) cut to the pruned layout by each group's keep set."""
+  def roles(g):
+    return [(m, "identity") for m, _ in derived_bn(spec, g)
+            if m.path in arrays and m.path.rsplit("/", 1)[1] in ("scale", "bias") and m.path.startswith("params/")]
+
+  return edit_members(arrays, spec, plan, roles)
 
 
 def _batch_statistics(apply_fn, variables, batches) -> dict[str, jax.Array]:

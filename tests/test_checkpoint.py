@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
+from ifjax.data import data_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-DATA = Path(os.environ.get("IFJAX_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 EXPECTED = dict(np.load(FIXTURES / "expected.npz"))
 DTYPES = {
     "f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": ml_dtypes.bfloat16, "i64": np.int64,
@@ -392,7 +392,7 @@ REAL = {
 
 
 def _real(name: str) -> Path:
-  path = DATA / "models" / name
+  path = data_dir() / "models" / name
   if not path.exists():
     pytest.skip(f"{path} not found (set IFJAX_DATA to the directory holding models/{name})")
   return path

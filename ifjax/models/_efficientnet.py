@@ -34,8 +34,8 @@ import jax.numpy as jnp
 
 from ifjax._spec import Group, Spec
 from ifjax.models._pretrained import bn_torch_keys
+from ifjax.models._zoo import Widths
 
-Widths = tuple[tuple[str, int], ...]
 BN_EPS = 1e-3
 STEM, HEAD = 32, 1280
 # per stage: (blocks, depthwise kernel, stride of its first block, expansion, output channels)

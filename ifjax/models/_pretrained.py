@@ -20,14 +20,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ifjax._spec import Group, Spec
+from ifjax.models._zoo import Widths, _bn
 
-Widths = tuple[tuple[str, int], ...]
 CIFAR_RESNET_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 _PAD = ((1, 1), (1, 1))  # PyTorch's padding=1, also for the stride-2 convs (Flax "SAME" would pad (0, 1))
-
-
-def _bn(name: str, train: bool):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def stream_widths(widths: dict) -> dict[str, int]:
