@@ -1,0 +1,490 @@
+"""Training and evaluation on optax, data-parallel with ``jax.sharding`` (no ``pmap``).
+
+* :func:`init_state` -> :class:`TrainState` (params, batch_stats, opt_state, step), a pytree.
+* :func:`make_step` -> a jitted ``(state, images, labels, key) -> (state, metrics)``. With a
+  ``mesh`` the batch is split over ``data_axis`` and the state replicated; the step is one
+  global program, so the compiler inserts the gradient all-reduce and BatchNorm sees the
+  statistics of the whole global batch (the result equals the single-device step up to
+  float reassociation). With ``model_axis`` the state carries a leading axis of k models
+  that train side by side on their own batches with no traffic between them (Split-Data).
+* :func:`fit` / :func:`fit_many` run epochs with a progress bar, optional evaluation and
+  resumable orbax checkpoints; :func:`evaluate` gives top-1 accuracy.
+* The paper's recipe: SGD with momentum 0.9, lr ``base * 0.5 ** floor(epoch / 30)``
+  (base 0.05 to train, 0.01 to fine-tune; :func:`paper_sgd`), flip + random crop
+  (:func:`flip_crop`), batch 128, cross-entropy.
+
+Multi-host: call ``jax.distributed.initialize(...)`` first in every process, build the mesh
+over ``jax.devices()`` (all processes' devices) and give every process the same global
+batches; each process then feeds only the shards its devices hold (see :func:`shard`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+Batches = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
+TrainData = tuple[np.ndarray, np.ndarray] | Batches
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes.
+
+  Attributes:
+    params: the ``params`` collection.
+    batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
+    opt_state: the optax state of ``params``.
+    step: () int32, the number of steps taken (with ``model_axis``: (k,)).
+  """
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  step: jax.Array
+
+
+class TrainingError(ValueError):
+  """Bad input to the training functions: empty data, a batch or mesh that does not fit, ..."""
+
+
+# -- state ------------------------------------------------------------------------------------------
+def init_state(module, variables: Mapping[str, Any], optimizer: optax.GradientTransformation) -> TrainState:
+  """A fresh :class:`TrainState` for ``variables`` (``module`` is accepted for symmetry; shapes come from
+  the variables)."""
+  del module
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise TrainingError(f"variables must be a Flax variables dict with 'params', got {type(variables).__name__}")
+  params = variables["params"]
+  return TrainState(params, variables.get("batch_stats", {}), optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def state_variables(state: TrainState) -> dict:
+  """The Flax variables of a state: ``{"params": ..., "batch_stats": ...}`` (no empty collections)."""
+  out = {"params": state.params}
+  if jax.tree_util.tree_leaves(state.batch_stats):
+    out["batch_stats"] = state.batch_stats
+  return out
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """k pytrees of equal structure -> one pytree with a leading axis of k."""
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Any) -> list[Any]:
+  """Inverse of :func:`stack`."""
+  k = jax.tree_util.tree_leaves(tree)[0].shape[0]
+  return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(k)]
+
+
+# -- the paper's recipe ----------------------------------------------------------------------------
+PAPER_BASE_LR = {"train": 0.05, "finetune": 0.01}
+
+
+def paper_schedule(base_lr: float, steps_per_epoch: int, every: int = 30, factor: float = 0.5) -> optax.Schedule:
+  """``base_lr * factor ** floor(epoch / every)``, as a function of the step.
+
+  >>> s = paper_schedule(0.05, steps_per_epoch=10)
+  >>> float(s(0)), float(s(299)), float(s(300)), float(s(600))
+  (0.05, 0.05, 0.025, 0.0125)
+  """
+  if steps_per_epoch < 1:
+    raise TrainingError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+  return optax.exponential_decay(base_lr, every * steps_per_epoch, factor, staircase=True)
+
+
+def paper_sgd(phase: str = "train", steps_per_epoch: int = 391, momentum: float = 0.9,
+              weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD, momentum 0.9, lr 0.05 (``"train"``) or 0.01 (``"finetune"``) halved every 30 epochs.
+
+  The paper gives no weight decay (the authors' training loop has none); ``weight_decay`` adds
+  coupled L2 as PyTorch's SGD does.
+  """
+  if phase not in PAPER_BASE_LR:
+    raise TrainingError(f"phase must be one of {sorted(PAPER_BASE_LR)}, got {phase!r}")
+  sgd = optax.sgd(paper_schedule(PAPER_BASE_LR[phase], steps_per_epoch), momentum=momentum)
+  return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+
+
+def flip_crop(pad: int = 4, fill: float | Sequence[float] = 0.0) -> Augment:
+  """``(key, images (B, H, W, C)) -> images``: random horizontal flip, then a random H x W crop of the
+  image padded by ``pad`` on each side with ``fill`` (per channel; for preprocessed inputs pass the
+  normalised value of a black pixel, ``-mean / std``, to match torchvision's zero padding)."""
+
+  def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+    b, h, w, c = images.shape
+    k_flip, k_y, k_x = jax.random.split(key, 3)
+    flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+    images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    value = jnp.broadcast_to(jnp.asarray(fill, images.dtype), (c,))
+    padded = jnp.pad(images - value, ((0, 0), (pad, pad), (pad, pad), (0, 0))) + value
+    dy = jax.random.randint(k_y, (b,), 0, 2 * pad + 1)
+    dx = jax.random.randint(k_x, (b,), 0, 2 * pad + 1)
+    return jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, c)))(padded, dy, dx)
+
+  return augment
+
+
+# -- one step ---------------------------------------------------------------------------------------
+def _apply_train(module, params, batch_stats, images):
+  """Train-mode logits and the new batch statistics."""
+  if jax.tree_util.tree_leaves(batch_stats):
+    logits, new = module.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                               mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+  return module.apply({"params": params}, images, train=True), batch_stats
+
+
+def _step_fn(module, optimizer, augment: Augment | None):
+  def step(state: TrainState, images, labels, key):
+    if augment is not None:
+      images = augment(key, images)
+
+    def loss_fn(params):
+      logits, batch_stats = _apply_train(module, params, state.batch_stats, images)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+      return loss, (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return TrainState(params, batch_stats, opt_state, state.step + 1), {"loss": loss, "accuracy": accuracy}
+
+  return step
+
+
+def make_step(module, optimizer: optax.GradientTransformation, mesh: Mesh | None = None, data_axis: str = "data",
+              *, model_axis: str | None = None, augment: Augment | None = None, donate: bool = False):
+  """A jitted training step ``(state, images, labels, key) -> (state, {"loss", "accuracy"})``.
+
+  Args:
+    module: a flax.linen module called as ``module.apply(v, x, train=True)``.
+    optimizer: an optax transformation.
+    mesh: None (one device), or a mesh with ``data_axis`` (and ``model_axis``): the batch is
+      sharded over ``data_axis``; the state is replicated over it.
+    data_axis: the mesh axis the batch is split over.
+    model_axis: train k models at once: every leaf of ``state`` has a leading (k,) axis, images are
+      (k, B, H, W, C) and labels (k, B); model i uses ``jax.random.split(key, k)[i]``. On a mesh this
+      axis is sharded over ``model_axis``, so each model lives on its own devices and nothing is
+      exchanged between models.
+    augment: ``(key, images) -> images`` applied inside the step (e.g. :func:`flip_crop`).
+    donate: donate the input state's buffers (the caller must not reuse it).
+
+  Metrics are means over the (global) batch, per model with ``model_axis``.
+  """
+  step = _step_fn(module, optimizer, augment)
+  if model_axis is not None:
+    one = step
+
+    def step(state, images, labels, key):
+      keys = jax.random.split(key, images.shape[0])
+      return jax.vmap(one)(state, images, labels, keys)
+
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  state_sh, batch_sh = shardings(mesh, data_axis, model_axis)
+  replicated = NamedSharding(mesh, P())
+
+  def checked(state, images, labels, key):
+    _check_batch(images, labels, mesh, data_axis, model_axis)
+    return jitted(state, images, labels, key)
+
+  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, state_sh if model_axis else replicated), donate_argnums=donate_argnums)
+  checked.jitted = jitted
+  return checked
+
+
+def shardings(mesh: Mesh, data_axis: str = "data", model_axis: str | None = None):
+  """``(state sharding, batch sharding)`` of :func:`make_step` on ``mesh``."""
+  missing = [a for a in (data_axis, model_axis) if a is not None and a not in mesh.axis_names]
+  if missing:
+    raise TrainingError(f"the mesh has axes {mesh.axis_names}, not {missing}")
+  if model_axis is None:
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P(data_axis))
+  return NamedSharding(mesh, P(model_axis)), NamedSharding(mesh, P(model_axis, data_axis))
+
+
+def _check_batch(images, labels, mesh: Mesh, data_axis: str, model_axis: str | None):
+  lead = 2 if model_axis else 1
+  if np.shape(images)[:lead] != np.shape(labels)[:lead]:
+    raise TrainingError(f"images {np.shape(images)} and labels {np.shape(labels)} disagree on the batch axes")
+  batch = np.shape(images)[lead - 1]
+  if batch % mesh.shape[data_axis]:
+    raise TrainingError(f"a batch of {batch} cannot be split evenly over mesh axis {data_axis!r} of size "
+                        f"{mesh.shape[data_axis]}")
+  if model_axis and np.shape(images)[0] % mesh.shape[model_axis]:
+    raise TrainingError(f"{np.shape(images)[0]} models cannot be split over mesh axis {model_axis!r} of size "
+                        f"{mesh.shape[model_axis]}")
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh ``{axis: size}`` over ``devices`` (default ``jax.devices()``, all processes), checked to fit.
+
+  >>> make_mesh({"data": 1}).shape
+  {'data': 1}
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = list(shape.values())
+  if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+    raise TrainingError(f"mesh axis sizes must be positive ints, got {dict(shape)}")
+  need = math.prod(sizes)
+  if need != len(devices):
+    hint = (" (on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is "
+            "imported)") if need > len(devices) else ""
+    raise TrainingError(f"a mesh of shape {dict(shape)} needs {need} devices, but {len(devices)} are given{hint}")
+  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), tuple(shape))
+
+
+def shard(tree: Any, sharding: NamedSharding | None) -> Any:
+  """Host arrays -> global arrays with ``sharding``. Every process passes the same global values and
+  keeps only the shards its own devices hold, so the same call works on one host and many."""
+  if sharding is None:
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree_util.tree_map(one, tree)
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+def evaluate(module, variables: Mapping[str, Any], data, mesh: Mesh | None = None, *, batch_size: int = 500,
+             data_axis: str = "data") -> float:
+  """Top-1 accuracy (a fraction) of ``module`` in eval mode on ``data`` = ``(images, labels)`` arrays or an
+  iterable of such batches. The last partial batch is padded and masked, so one program serves all."""
+  count, correct = 0, 0
+  predict = _predict_fn(module, mesh, data_axis)
+  for images, labels in _eval_batches(data, batch_size):
+    n = len(labels)
+    size = batch_size if mesh is None else -(-batch_size // mesh.shape[data_axis]) * mesh.shape[data_axis]
+    if n > size:
+      size = n
+    padded = np.zeros((size, *np.shape(images)[1:]), np.asarray(images).dtype)
+    padded[:n] = images
+    batch_sh = None if mesh is None else NamedSharding(mesh, P(data_axis))
+    pred = np.asarray(jax.device_get(predict(variables, shard(padded, batch_sh))))[:n]
+    correct += int(np.sum(pred == np.asarray(labels)))
+    count += n
+  if count == 0:
+    raise TrainingError("evaluate: the data has no examples")
+  return correct / count
+
+
+def _predict_fn(module, mesh: Mesh | None, data_axis: str):
+  def predict(variables, images):
+    return jnp.argmax(module.apply(variables, images, train=False), -1)
+
+  if mesh is None:
+    return jax.jit(predict)
+  return jax.jit(predict, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P(data_axis))),
+                 out_shardings=NamedSharding(mesh, P()))
+
+
+def _eval_batches(data, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+    images, labels = data
+    if len(images) != len(labels):
+      raise TrainingError(f"{len(images)} images but {len(labels)} labels")
+    for i in range(0, len(images), batch_size):
+      yield images[i:i + batch_size], labels[i:i + batch_size]
+  else:
+    yield from data
+
+
+# -- fit -------------------------------------------------------------------------------------------
+class _Data:
+  """Per-epoch batches of one training set: arrays (shuffled by ``(seed, epoch)``, remainder dropped) or a
+  callable ``epoch -> iterable of (images, labels)``."""
+
+  def __init__(self, data: TrainData, batch_size: int, seed: int, what: str = "train_data"):
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise TrainingError(f"batch_size must be a positive int, got {batch_size!r}")
+    self.batch_size, self.seed, self.fn = batch_size, seed, None
+    if callable(data):
+      self.fn, self.steps = data, None
+      return
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+      raise TrainingError(f"{what} must be (images, labels) arrays or a callable epoch -> batches, "
+                          f"got {type(data).__name__}")
+    self.images, self.labels = data
+    if len(self.images) != len(self.labels):
+      raise TrainingError(f"{what}: {len(self.images)} images but {len(self.labels)} labels")
+    if len(self.images) == 0:
+      raise TrainingError(f"{what} is empty")
+    self.steps = len(self.images) // batch_size
+    if self.steps == 0:
+      raise TrainingError(f"{what} has {len(self.images)} examples, fewer than one batch of {batch_size}")
+
+  def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if self.fn is not None:
+      yield from self.fn(epoch)
+      return
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+    for i in range(self.steps):
+      idx = np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
+      yield self.images[idx], self.labels[idx]
+
+
+def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: int, optimizer, mesh: Mesh | None = None,
+        eval_data=None, checkpoint_dir=None, progress: bool = True, batch_size: int = 128, seed: int = 0,
+        augment: Augment | None = None, data_axis: str = "data", desc: str = "train") -> tuple[dict, list[dict]]:
+  """Trains ``module`` from ``variables`` for ``epochs`` epochs; returns ``(variables, history)``.
+
+  Args:
+    train_data: ``(images, labels)`` arrays (images already preprocessed; shuffled per epoch with
+      ``(seed, epoch)``, the last partial batch dropped) or a callable ``epoch -> iterable of (images,
+      labels)`` batches (e.g. :func:`ifjax.data.tfds_batches`).
+    optimizer: an optax transformation, or a callable ``steps_per_epoch -> transformation`` (e.g.
+      ``functools.partial(paper_sgd, "train")``; needs array data).
+    mesh: data-parallel over ``data_axis`` (see :func:`make_step`).
+    eval_data: evaluated after every epoch (``eval_accuracy`` in the history).
+    checkpoint_dir: after every epoch the state, history and epoch are saved there (orbax); a new call
+      with the same directory resumes after the last complete epoch and gives the same result as an
+      uninterrupted run.
+    progress: a tqdm bar with the running loss and accuracy.
+    augment: e.g. :func:`flip_crop`; the key of step s of epoch e is ``fold_in(fold_in(key(seed), e), s)``.
+
+  Returns:
+    The trained variables and one dict per epoch: ``epoch``, ``loss``, ``accuracy`` (train, running
+    mean over the epoch), ``eval_accuracy`` (if ``eval_data``), ``seconds``.
+  """
+  data = _Data(train_data, batch_size, seed)
+  optimizer = _optimizer(optimizer, data.steps)
+  state = init_state(module, variables, optimizer)
+  step = make_step(module, optimizer, mesh, data_axis, augment=augment, donate=True)
+  sh = None if mesh is None else shardings(mesh, data_axis)
+  evaluate_fn = None if eval_data is None else (
+      lambda st: evaluate(module, state_variables(st), eval_data, mesh, data_axis=data_axis))
+  state, history = _loop(step, state, [data], epochs, sh, seed, checkpoint_dir, progress, desc, evaluate_fn, False)
+  return state_variables(jax.device_get(state)), history
+
+
+def fit_many(module, variables: Sequence[Mapping[str, Any]], train_data: Sequence[TrainData], *, epochs: int,
+             optimizer, mesh: Mesh | None = None, eval_data=None, checkpoint_dir=None, progress: bool = True,
+             batch_size: int = 128, seed: int = 0, augment: Augment | None = None, data_axis: str = "data",
+             model_axis: str = "models", desc: str = "train") -> tuple[list[dict], list[dict]]:
+  """k models trained side by side, model i on ``train_data[i]``, as one program with a model axis
+  (see :func:`make_step`); the arguments are those of :func:`fit`. Returns ``([variables_i], history)``;
+  history entries hold per-model lists. Every model takes the same number of steps per epoch (the
+  smallest data set's)."""
+  if len(variables) != len(train_data) or not variables:
+    raise TrainingError(f"fit_many needs one training set per model, got {len(variables)} models and "
+                        f"{len(train_data)} training sets")
+  datas = [_Data(d, batch_size, seed + i, f"train_data[{i}]") for i, d in enumerate(train_data)]
+  steps = [d.steps for d in datas if d.steps is not None]
+  optimizer = _optimizer(optimizer, min(steps) if steps else None)
+  state = stack([init_state(module, v, optimizer) for v in variables])
+  step = make_step(module, optimizer, mesh, data_axis, model_axis=model_axis, augment=augment, donate=True)
+  sh = None if mesh is None else shardings(mesh, data_axis, model_axis)
+
+  def evaluate_all(st):
+    return [evaluate(module, state_variables(s), eval_data) for s in unstack(jax.device_get(st))]
+
+  state, history = _loop(step, state, datas, epochs, sh, seed, checkpoint_dir, progress, desc,
+                         None if eval_data is None else evaluate_all, True)
+  return [state_variables(s) for s in unstack(jax.device_get(state))], history
+
+
+def _optimizer(optimizer, steps_per_epoch: int | None) -> optax.GradientTransformation:
+  if isinstance(optimizer, optax.GradientTransformation):
+    return optimizer
+  if callable(optimizer):
+    if steps_per_epoch is None:
+      raise TrainingError("an optimizer factory needs the steps per epoch; with batch callables pass an optax "
+                          "transformation")
+    return optimizer(steps_per_epoch)
+  raise TrainingError(f"optimizer must be an optax transformation or a callable steps_per_epoch -> one, "
+                      f"got {type(optimizer).__name__}")
+
+
+def _loop(step, state: TrainState, datas: list[_Data], epochs: int, sh, seed: int, checkpoint_dir, progress: bool,
+          desc: str, evaluate_fn, many: bool) -> tuple[TrainState, list[dict]]:
+  """The epoch loop shared by :func:`fit` and :func:`fit_many` (``many``: one data set per model, batches
+  stacked on a leading model axis)."""
+  if not isinstance(epochs, int) or epochs < 0:
+    raise TrainingError(f"epochs must be a non-negative int, got {epochs!r}")
+  fingerprint = {"batch_size": datas[0].batch_size, "seed": seed, "models": len(datas)}
+  history, start = [], 0
+  if checkpoint_dir is not None:
+    state, history, start = _resume(checkpoint_dir, state, fingerprint)
+  state = shard(jax.tree_util.tree_map(jnp.array, state), None if sh is None else sh[0])  # a copy: steps donate it
+  show = progress and jax.process_index() == 0
+  for epoch in range(start, epochs):
+    t0 = time.perf_counter()
+    bar = _bar(show, datas[0].steps, f"{desc} epoch {epoch + 1}/{epochs}")
+    sums, count = None, 0
+    epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
+    for i, batches in enumerate(zip(*[d.epoch(epoch) for d in datas])):
+      images, labels = (np.stack(xs) for xs in zip(*batches)) if many else batches[0]
+      images, labels = shard((np.asarray(images), np.asarray(labels, np.int32)), None if sh is None else sh[1])
+      state, metrics = step(state, images, labels, jax.random.fold_in(epoch_key, i))
+      sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+      count += 1
+      if bar is not None and (i % 10 == 0):
+        bar.set_postfix({k: _fmt(v / count) for k, v in jax.device_get(sums).items()})
+      if bar is not None:
+        bar.update(1)
+    if count == 0:
+      raise TrainingError(f"epoch {epoch}: the training data yielded no batch")
+    means = {k: np.asarray(v) / count for k, v in jax.device_get(sums).items()}
+    entry = {"epoch": epoch + 1, **{k: v.tolist() for k, v in means.items()}}
+    if bar is not None:
+      bar.set_postfix({k: _fmt(v) for k, v in means.items()})
+      bar.close()
+    if evaluate_fn is not None:
+      entry["eval_accuracy"] = evaluate_fn(state)
+    entry["seconds"] = time.perf_counter() - t0
+    history.append(entry)
+    if checkpoint_dir is not None:
+      _checkpoint(checkpoint_dir, state, history, epoch + 1, fingerprint)
+  return state, history
+
+
+def _fmt(v) -> str:
+  v = np.asarray(v)
+  return f"{float(v):.4f}" if v.ndim == 0 else "/".join(f"{float(x):.3f}" for x in v)
+
+
+def _bar(show: bool, total: int | None, desc: str):
+  if not show:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _checkpoint(directory, state: TrainState, history: list[dict], epoch: int, fingerprint: dict):
+  from ifjax import _save
+  tree = flax.serialization.to_state_dict(jax.device_get(state))
+  _save.write_tree(Path(directory) / f"epoch_{epoch}", tree,
+                   {"epoch": epoch, "history": history, "fingerprint": fingerprint})
+
+
+def _resume(directory, state: TrainState, fingerprint: dict) -> tuple[TrainState, list[dict], int]:
+  from ifjax import _save
+  path = _save.latest(directory, "epoch")
+  if path is None:
+    return state, [], 0
+  template = flax.serialization.to_state_dict(jax.device_get(state))
+  tree, meta = _save.read_tree(path, template)
+  if meta.get("fingerprint") != fingerprint:
+    raise TrainingError(f"{path}: this checkpoint was written with {meta.get('fingerprint')}, but the run asks for "
+                        f"{fingerprint}; use another checkpoint_dir or the same settings")
+  return flax.serialization.from_state_dict(state, tree), list(meta["history"]), int(meta["epoch"])

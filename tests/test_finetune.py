@@ -1,0 +1,80 @@
+"""ifjax.finetune: iterative widths, one-shot equals intra_fuse / prune, iterative pruning with fine-tuning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ifjax
+from ifjax import finetune
+
+
+@given(st.integers(2, 600), st.floats(0.0, 0.95), st.integers(1, 6))
+@settings(max_examples=200, deadline=None)
+def test_relative_ratios_land_on_the_step_widths(n, r, steps):
+  targets = finetune.step_widths({"g": n}, {"g": r}, steps)
+  assert targets[-1]["g"] == ifjax.kept_count(n, r)  # the last step is exactly the one-shot width
+  current = n
+  for t in targets:
+    rel = finetune.relative_ratios({"g": current}, t)
+    if t["g"] < current:
+      assert 0 <= rel["g"] < 1 and ifjax.kept_count(current, rel["g"]) == t["g"]
+      current = t["g"]
+    else:
+      assert rel == {}
+  assert current == ifjax.kept_count(n, r)
+
+
+def _clusters(n=256, d=64, classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(classes, d)).astype(np.float32)
+  labels = rng.integers(0, classes, n).astype(np.int32)
+  return (centers[labels] + 0.7 * rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  module, spec = ifjax.models.get("mlp")
+  data = _clusters()
+  variables, _ = ifjax.train.fit(module, module.init(jax.random.key(0), jnp.zeros((1, 64))), data, epochs=3,
+                                 optimizer=optax.sgd(0.05, momentum=0.9), batch_size=32, progress=False)
+  return module, spec, variables, data
+
+
+def _equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def test_one_shot_without_epochs_is_intra_fuse_or_prune(mlp):
+  module, spec, variables, data = mlp
+  r = finetune.prune_and_finetune("mlp", variables, 0.5, data, method="if", progress=False)
+  assert _equal(r.variables, ifjax.intra_fuse(variables, spec, 0.5))
+  assert r.widths == {"dense0": 64, "dense1": 32}
+  d = finetune.prune_and_finetune("mlp", variables, 0.5, data, method="default", progress=False)
+  assert _equal(d.variables, ifjax.prune(variables, spec, 0.5))
+  b = finetune.prune_and_finetune("mlp", variables, 0.5, data, normalization="barycentric", progress=False)
+  assert _equal(b.variables, ifjax.intra_fuse(variables, spec, 0.5, normalization="barycentric"))
+
+
+def test_iterative_pruning_with_fine_tuning(mlp):
+  module, spec, variables, data = mlp
+  r = finetune.prune_and_finetune("mlp", variables, {"dense0": 0.75}, data, steps=3, epochs_per_step=1,
+                                  finetune_epochs=1, eval_data=data, batch_size=32, progress=False,
+                                  importance="taylor", taylor_batches=2)
+  assert [h["widths"]["dense0"] for h in r.history] == [96, 64, 32]
+  assert r.widths == {"dense0": 32, "dense1": 64}
+  assert [len(h["epochs"]) for h in r.history] == [1, 1, 2]
+  assert all(0 <= h["accuracy_pruned"] <= 1 for h in r.history)
+  acc = ifjax.train.evaluate(r.module, r.variables, data)
+  assert acc == r.history[-1]["epochs"][-1]["eval_accuracy"]
+  assert acc > 0.5  # 10 separable clusters: fine-tuning keeps the pruned MLP far above chance
+  with pytest.raises(ValueError, match="method"):
+    finetune.prune_and_finetune("mlp", variables, 0.5, data, method="random")
+  with pytest.raises(ValueError, match="steps"):
+    finetune.prune_and_finetune("mlp", variables, 0.5, data, steps=0)
+  with pytest.raises(ValueError, match="unknown zoo model"):
+    finetune.prune_and_finetune("mlp9", variables, 0.5, data)

@@ -1,0 +1,77 @@
+"""ifjax.split_data: folds, k-fold subsets, parallel training, PaF / FaP / whole-data end to end."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ifjax
+from ifjax import split_data
+
+
+@pytest.mark.parametrize("n,k", [(10, 2), (12, 4), (60, 6)])
+def test_folds_are_disjoint_equal_and_cover(n, k):
+  parts = split_data.folds(n, k, seed=3)
+  assert [len(p) for p in parts] == [n // k] * k
+  assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+  assert split_data.folds(n, k, seed=3)[0].tolist() == parts[0].tolist()  # deterministic
+  subsets = split_data.subsets(k)
+  assert len(subsets) == math.comb(k, k // 2) and all(len(s) == k // 2 for s in subsets)
+
+
+def test_split_gives_half_data_training_sets():
+  images, labels = np.arange(24)[:, None].astype(np.float32), np.arange(24)
+  sets = split_data.split((images, labels), 4, seed=1)
+  assert len(sets) == 6 and all(len(x) == 12 for x, _ in sets)
+  assert all(np.array_equal(x[:, 0], y) for x, y in sets)  # images stay with their labels
+  a, b = split_data.split((images, labels), 2, seed=1)
+  assert not set(a[1].tolist()) & set(b[1].tolist())  # k=2: disjoint halves
+
+
+def test_bad_input():
+  with pytest.raises(split_data.SplitDataError, match="do not divide 10"):
+    split_data.folds(10, 3)
+  assert [len(f) for f in split_data.folds(10, 3, drop_remainder=True)] == [3, 3, 3]
+  with pytest.raises(split_data.SplitDataError, match="even k"):
+    split_data.subsets(3)
+  with pytest.raises(split_data.SplitDataError, match="k must be an int >= 2"):
+    split_data.folds(10, 1)
+  with pytest.raises(split_data.SplitDataError, match="labels"):
+    split_data.split((np.zeros((4, 1)), np.zeros(3)), 2)
+
+
+def _clusters(n=384, d=64, classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(classes, d)).astype(np.float32)
+  labels = rng.integers(0, classes, n).astype(np.int32)
+  return (centers[labels] + 0.7 * rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+def test_paf_fap_and_whole_data_run_end_to_end():
+  module, spec = ifjax.models.get("mlp")
+  data = _clusters()
+  test = _clusters(200, seed=0)
+  test = (test[0][-100:], test[1][-100:])
+  init = [module.init(jax.random.key(i), jnp.zeros((1, 64))) for i in range(2)]
+  opt = optax.sgd(0.05, momentum=0.9)
+  models, history, seconds = split_data.train_models(module, init, split_data.split(data, 2), epochs=3, optimizer=opt,
+                                                     batch_size=32, progress=False, eval_data=test)
+  assert len(models) == 2 and seconds > 0 and len(history) == 3
+  assert min(history[-1]["eval_accuracy"]) > 0.5
+  common = dict(prune_epochs=1, finetune_epochs=1, eval_data=test, batch_size=32, progress=False, optimizer=opt)
+  paf = split_data.prune_and_fuse("mlp", models, 0.5, data, fusion="weights", **common)
+  fap = split_data.fuse_and_prune("mlp", models, 0.5, data, fusion="activations", fusion_samples=50, **common)
+  for res in (paf, fap):
+    assert res.widths == {"dense0": 64, "dense1": 32}
+    assert set(res.seconds) == {"prune", "fuse", "finetune"} and all(v > 0 for v in res.seconds.values())
+    assert res.accuracy > 0.5
+    small, _ = ifjax.models.get("mlp", widths=res.widths)
+    assert small.apply(res.variables, test[0]).shape == (100, 10)
+  whole, _ = ifjax.train.fit(module, init[0], data, epochs=3, optimizer=opt, batch_size=32, progress=False)
+  base = split_data.whole_data("mlp", whole, 0.5, data, prune_epochs=1, finetune_epochs=2, **{
+      k: v for k, v in common.items() if k not in ("prune_epochs", "finetune_epochs")})
+  assert base.widths == paf.widths and base.accuracy > 0.5
