@@ -9,6 +9,7 @@ from ifjax import importance, models
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
+from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
 from ifjax._repair import recalibrate_batchnorm
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
@@ -17,12 +18,14 @@ from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alignment",
     "BatchNormPair",
     "CheckpointError",
     "CheckpointMismatchError",
     "ConvergenceWarning",
     "FlatMember",
     "Group",
+    "GroupAlignment",
     "GroupPlan",
     "Member",
     "Plan",
@@ -30,9 +33,11 @@ __all__ = [
     "SpecCheckError",
     "Transport",
     "UnsupportedPrimitiveError",
+    "align_models",
     "apply_plan",
     "check_spec",
     "fold_batchnorm",
+    "fuse_models",
     "importance",
     "intra_fuse",
     "kept_count",

@@ -1,4 +1,4 @@
-"""Evaluation data: readers for the real files in the data directory, per-model preprocessing, and TFDS.
+"""Data: readers for the real files in the data directory, per-model preprocessing, TFDS (also for training).
 
 The readers return ``(images, labels)`` as NumPy arrays: images uint8 NHWC, labels int32.
 File formats and sources are described in ``README.md`` of the data directory (see
@@ -40,6 +40,7 @@ __all__ = [
     "imagenet_sample",
     "mnist_test",
     "preprocess",
+    "tfds_batches",
     "tfds_dataset",
 ]
 
@@ -323,18 +324,10 @@ def batches(images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, np.nd
 _TFDS_NAMES = ("cifar10", "cifar100", "imagenet2012")
 
 
-def tfds_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
-                 manual_dir: str | os.PathLike | None = None, download: bool = False, batch_size: int | None = None):
-  """NumPy iterable of ``(image uint8 (H, W, 3), label int64)`` from TensorFlow Datasets (batched if ``batch_size``).
-
-  ``name`` is one of cifar10, cifar100, imagenet2012 (resized to 256 on the shorter side and
-  center-cropped to 224). Nothing is downloaded unless ``download=True``; imagenet2012 then
-  needs ``manual_dir`` with the ILSVRC-2012 tar files. Needs tensorflow-datasets and tensorflow.
-  """
+def _tfds_builder(name: str, split: str, data_dir, manual_dir, download: bool, caller: str):
+  """The prepared TFDS builder of ``name`` (prepared here, as array_record, only if ``download``)."""
   if name not in _TFDS_NAMES:
     raise ValueError(f"unknown dataset {name!r}; supported: {list(_TFDS_NAMES)}")
-  if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-    raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
   if download and name == "imagenet2012" and manual_dir is None:
     raise ValueError("imagenet2012 cannot be downloaded automatically: download ILSVRC2012_img_train.tar and "
                      "ILSVRC2012_img_val.tar from https://image-net.org (registration required) into a directory "
@@ -342,26 +335,199 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None = 
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError("tfds_dataset needs tensorflow-datasets: pip install 'ifjax[data]'") from e
+    raise ImportError(f"{caller} needs tensorflow-datasets: pip install 'ifjax[data]'") from e
   builder = tfds.builder(name, data_dir=data_dir)
-  if not download and not builder.is_prepared():
+  if builder.is_prepared():
+    return builder
+  if not download:
     hint = "manual_dir=<dir with the ILSVRC-2012 tars>, " if name == "imagenet2012" else ""
     raise DataMissingError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; call "
-                           f"tfds_dataset({name!r}, {split!r}, data_dir=..., {hint}download=True) to download and "
+                           f"{caller}({name!r}, {split!r}, data_dir=..., {hint}download=True) to download and "
                            f"prepare it (nothing is downloaded without download=True)")
   try:
-    import tensorflow as tf
+    import tensorflow  # noqa: F401  (TFDS encodes the images with TensorFlow while preparing)
   except ImportError as e:
-    raise ImportError("tfds_dataset needs tensorflow (tensorflow-datasets does not install it): "
-                      "pip install 'ifjax[data]' tensorflow") from e
-  if download:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    raise ImportError(f"{caller}(download=True) needs tensorflow to prepare {name!r} (tensorflow-datasets does not "
+                      "install it): pip install 'ifjax[data]'") from e
+  builder.download_and_prepare(file_format="array_record",
+                               download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def _random_access(builder) -> bool:
+  """Whether ``builder``'s prepared files include array_record (readable without TensorFlow)."""
+  return "array_record" in {f.value for f in builder.info.available_file_formats()}
+
+
+def tfds_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+                 manual_dir: str | os.PathLike | None = None, download: bool = False, batch_size: int | None = None):
+  """NumPy iterable of ``(image uint8 (H, W, 3), label int64)`` from TensorFlow Datasets (batched if ``batch_size``).
+
+  ``name`` is one of cifar10, cifar100, imagenet2012 (resized to 256 on the shorter side and
+  center-cropped to 224). Nothing is downloaded unless ``download=True``; imagenet2012 then
+  needs ``manual_dir`` with the ILSVRC-2012 tar files. ``download=True`` prepares the dataset as
+  array_record, which is then read in storage order without TensorFlow (images decoded with
+  Pillow, ImageNet resized bicubic as :func:`imagenet_sample`); a dataset prepared as tfrecord
+  only is read with tf.data (ImageNet resized with TensorFlow). Needs tensorflow-datasets, and
+  tensorflow to prepare or to read tfrecord.
+  """
+  if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+    raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+  builder = _tfds_builder(name, split, data_dir, manual_dir, download, "tfds_dataset")
+  if _random_access(builder):
+    loader = _TfdsBatches(builder, name, split, batch_size or 256, shuffle=False, seed=0, preprocess=None,
+                          drop_remainder=False, prefetch=0, threads=None, label_dtype=np.int64)
+    return _TfdsExamples(loader, batched=batch_size is not None)
+  try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError(f"tfds_dataset needs tensorflow to read {name!r} from {builder.data_dir}, which is prepared as "
+                      f"{sorted(f.value for f in builder.info.available_file_formats())} without array_record: "
+                      "pip install 'ifjax[data]'") from e
   ds = builder.as_dataset(split=split, as_supervised=True)
   if name == "imagenet2012":
     ds = ds.map(_tf_resize_crop(tf), num_parallel_calls=tf.data.AUTOTUNE)
   if batch_size is not None:
     ds = ds.batch(batch_size)
   return tfds.as_numpy(ds)
+
+
+def tfds_batches(name: str, split: str, *, batch_size: int, data_dir: str | os.PathLike | None = None,
+                 shuffle: bool = True, seed: int = 0, preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                 drop_remainder: bool = True, download: bool = False, manual_dir: str | os.PathLike | None = None,
+                 prefetch: int = 2, threads: int | None = None) -> Callable[[int], Iterator[tuple[np.ndarray, ...]]]:
+  """Training batches of a TFDS split for :func:`ifjax.train.fit`: a callable ``epoch -> iterator of (x, y)``.
+
+  ``x = preprocess(images)`` for uint8 images (B, H, W, 3) (the images themselves if ``preprocess``
+  is None; e.g. ``preprocess=lambda im: ifjax.data.preprocess("resnet20", im)``), ``y`` int32 (B,).
+  Epoch ``e`` visits the split in the order ``np.random.default_rng([seed, e]).permutation(N)``
+  (storage order if not ``shuffle``) in batches of ``batch_size``: every example once, the last
+  partial batch dropped if ``drop_remainder``; within a batch examples are in storage order. The
+  result has ``steps`` (batches per epoch) and ``num_examples`` (N).
+
+  Multi-host: every process yields the same global batches (the order depends on seed and epoch
+  only); :func:`ifjax.train.fit` keeps each process's part of the global batch.
+
+  The split is read by random access from array_record files (``tfds_dataset(..., download=True)``
+  prepares them; no TensorFlow needed to read). Images are decoded with Pillow in ``threads``
+  threads (default min(8, CPUs)); imagenet2012 is resized to 256 and center-cropped to 224 as in
+  :func:`imagenet_sample`. ``prefetch`` batches are prepared ahead in a background thread.
+  ``name``, ``data_dir``, ``manual_dir`` and ``download`` are those of :func:`tfds_dataset`.
+  """
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  if preprocess is not None and not callable(preprocess):
+    raise ValueError(f"preprocess must be a callable images_uint8 -> array or None, got {type(preprocess).__name__}")
+  if not isinstance(prefetch, int) or prefetch < 0:
+    raise ValueError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+  if threads is not None and (not isinstance(threads, int) or threads <= 0):
+    raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+  builder = _tfds_builder(name, split, data_dir, manual_dir, download, "tfds_batches")
+  if not _random_access(builder):
+    formats = sorted(f.value for f in builder.info.available_file_formats())
+    raise ValueError(f"tfds_batches reads array_record files, but {name!r} in {builder.data_dir} is prepared as "
+                     f"{formats}: convert it with `tfds convert_format --dataset_version_dir={builder.data_dir} "
+                     "--out_file_format=array_record` (needs tensorflow), or prepare it again in an empty data_dir "
+                     "with download=True")
+  loader = _TfdsBatches(builder, name, split, batch_size, shuffle=shuffle, seed=int(seed), preprocess=preprocess,
+                        drop_remainder=drop_remainder, prefetch=prefetch, threads=threads, label_dtype=np.int32)
+  if loader.steps == 0:
+    raise ValueError(f"{loader.what} has {loader.num_examples} examples: no batch of {batch_size} "
+                     f"(drop_remainder={drop_remainder})")
+  return loader
+
+
+class _TfdsBatches:
+  """``epoch -> iterator of (x, y)`` over a TFDS array_record split (see :func:`tfds_batches`)."""
+
+  def __init__(self, builder, name, split, batch_size, *, shuffle, seed, preprocess, drop_remainder, prefetch,
+               threads, label_dtype):
+    import tensorflow_datasets as tfds
+
+    self.source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    self.what = f"{name} {split!r} in {builder.data_dir}"
+    self.imagenet = name == "imagenet2012"
+    self.shape = (224, 224, 3) if self.imagenet else (32, 32, 3)
+    self.batch_size, self.shuffle, self.seed, self.preprocess = batch_size, shuffle, seed, preprocess
+    self.prefetch, self.label_dtype = prefetch, label_dtype
+    self.threads = threads or min(8, os.cpu_count() or 1)
+    self.num_examples = len(self.source)
+    full, rest = divmod(self.num_examples, batch_size)
+    self.steps = full + (1 if rest and not drop_remainder else 0)
+
+  def __len__(self) -> int:
+    return self.steps
+
+  def order(self, epoch: int) -> list[np.ndarray]:
+    """Sorted source indices of each batch of ``epoch``."""
+    if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+      raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    n, b = self.num_examples, self.batch_size
+    perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle else np.arange(n)
+    return [np.sort(perm[i * b:(i + 1) * b]) for i in range(self.steps)]
+
+  def __call__(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    return self._iterate(self.order(epoch))
+
+  def _image(self, record) -> np.ndarray:
+    im = _decode(record["image"], f"the image of {self.what} example {record.get('id', record.get('file_name'))}")
+    a = _resize_crop(im, 224, 256) if self.imagenet else np.asarray(im)
+    if a.shape != self.shape:
+      raise ValueError(f"{self.what}: an image decodes to shape {a.shape}, expected {self.shape}")
+    return a
+
+  def _load(self, pool, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    records = self.source.__getitems__(idx.tolist())
+    images = np.stack(list(pool.map(self._image, records))) if len(records) else np.empty((0, *self.shape), np.uint8)
+    labels = np.array([r["label"] for r in records], self.label_dtype)
+    if self.preprocess is None:
+      return images, labels
+    x = self.preprocess(images)
+    if getattr(x, "shape", (None,))[:1] != (len(images),):
+      raise ValueError(f"preprocess must return an array with one row per image ({len(images)}), got "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    return x, labels
+
+  def _iterate(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(self.threads) as pool, ThreadPoolExecutor(1) as ahead:
+      if self.prefetch == 0:
+        for idx in batches:
+          yield self._load(pool, idx)
+        return
+      pending: deque = deque()
+      try:
+        for idx in batches:
+          pending.append(ahead.submit(self._load, pool, idx))
+          if len(pending) > self.prefetch:
+            yield pending.popleft().result()
+        while pending:
+          yield pending.popleft().result()
+      finally:  # an abandoned iterator stops reading ahead
+        for f in pending:
+          f.cancel()
+
+
+class _TfdsExamples:
+  """Re-iterable ``(image, label)`` examples (or batches if ``batched``) of a :class:`_TfdsBatches` in storage order."""
+
+  def __init__(self, loader: _TfdsBatches, batched: bool):
+    self.loader, self.batched = loader, batched
+
+  def __len__(self) -> int:
+    return self.loader.steps if self.batched else self.loader.num_examples
+
+  def __iter__(self):
+    for images, labels in self.loader(0):
+      if self.batched:
+        yield images, labels
+      else:
+        yield from zip(images, labels)
 
 
 def _tf_resize_crop(tf):
