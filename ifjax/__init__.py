@@ -11,6 +11,7 @@ from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_int
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
 from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
 from ifjax._repair import recalibrate_batchnorm
+from ifjax._save import restore, save
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
@@ -50,6 +51,8 @@ __all__ = [
     "prune",
     "read_torch",
     "recalibrate_batchnorm",
+    "restore",
+    "save",
     "solve_exact",
     "solve_sinkhorn",
     "state_dict",

@@ -64,6 +64,9 @@ MODEL_PREPROCESS: dict[str, str] = {
     **{f"resnet{d}": "cifar_resnet" for d in (20, 32, 44, 56, 110)},
     "lenet5": "lenet5",
     "efficientnet_lite0": "efficientnet_lite0",
+    # the paper's CIFAR VGG11-BN and ResNet18: the authors normalise CIFAR with the ImageNet constants too
+    "vgg11_bn": "cifar_resnet",
+    "resnet18": "cifar_resnet",
 }
 
 # file or directory -> where it comes from (the sources table of the data README)

@@ -20,6 +20,7 @@ batches; each process then feeds only the shards its devices hold (see :func:`sh
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 import time
@@ -288,7 +289,10 @@ def evaluate(module, variables: Mapping[str, Any], data, mesh: Mesh | None = Non
   return correct / count
 
 
+@functools.lru_cache(maxsize=64)
 def _predict_fn(module, mesh: Mesh | None, data_axis: str):
+  """One jitted predictor per (module, mesh): repeated evaluations (every epoch) compile once."""
+
   def predict(variables, images):
     return jnp.argmax(module.apply(variables, images, train=False), -1)
 
@@ -318,8 +322,8 @@ class _Data:
     if not isinstance(batch_size, int) or batch_size < 1:
       raise TrainingError(f"batch_size must be a positive int, got {batch_size!r}")
     self.batch_size, self.seed, self.fn = batch_size, seed, None
-    if callable(data):
-      self.fn, self.steps = data, None
+    if callable(data):  # e.g. ifjax.data.tfds_batches, which knows its steps per epoch
+      self.fn, self.steps = data, getattr(data, "steps", None)
       return
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
       raise TrainingError(f"{what} must be (images, labels) arrays or a callable epoch -> batches, "
