@@ -59,7 +59,7 @@ def method_options(name: str) -> dict:
 
 def load_test_set(model: str, limit: int | None):
   """(images float32 NHWC, labels int32) of the model's evaluation set, preprocessed."""
-  if model.startswith("resnet"):
+  if _cifar(model):
     x, y = data.cifar10_jpeg("test", limit=limit)
   elif model == "lenet5":
     x, y = data.mnist_test()
@@ -67,9 +67,23 @@ def load_test_set(model: str, limit: int | None):
     x, y = data.imagenet_sample()
   else:
     raise ValueError(f"no real test set for {model!r}; models with one: resnet20..110, lenet5, efficientnet_lite0")
-  if limit is not None and not model.startswith("resnet"):
+  if limit is not None and not _cifar(model):
     x, y = x[:limit], y[:limit]
   return data.preprocess(model, x), y
+
+
+def _cifar(model: str) -> bool:
+  return data.MODEL_PREPROCESS.get(model) == "cifar_resnet"
+
+
+def load_model(model: str, checkpoint: pathlib.Path | None):
+  """``(module, spec, variables)``: public weights (a file, or the default one), or a directory written by
+  ``ifjax.save`` (e.g. by experiments/train_cifar.py)."""
+  if checkpoint is not None and checkpoint.is_dir():
+    variables, spec, widths, _ = ifjax.restore(checkpoint)
+    module, _ = ifjax.models.get(model, widths=widths)
+    return module, spec, variables
+  return ifjax.models.pretrained(model, checkpoint)
 
 
 _CALIBRATION: dict = {}
@@ -77,9 +91,9 @@ _CALIBRATION: dict = {}
 
 def calibration_batches(model: str, n: int, batch_size: int = 250):
   """Labelled training batches for Taylor importance and '+bn': CIFAR's *train* split, never test images."""
-  if not model.startswith("resnet"):
+  if not _cifar(model):
     raise ValueError(f"taylor importance and +bn need training images, which ../shared/data has only for CIFAR "
-                     f"(resnet models), not for {model!r}")
+                     f"(CIFAR ResNets, vgg11_bn, resnet18), not for {model!r}")
   if (model, n) not in _CALIBRATION:
     x, y = data.cifar10_jpeg("train", limit=n)
     x = data.preprocess(model, x)
@@ -130,7 +144,7 @@ def read_rows(path: pathlib.Path) -> list[dict]:
 
 
 def run(args) -> list[dict]:
-  module, spec, variables = ifjax.models.pretrained(args.model, args.checkpoint)
+  module, spec, variables = load_model(args.model, args.checkpoint)
   x, y = load_test_set(args.model, args.limit)
   accuracy = make_evaluator(module, x, y, args.batch_size)
   out = args.out
@@ -268,9 +282,9 @@ def plot(rows: list[dict], methods: list[str], path: pathlib.Path):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="resnet20", help="zoo model with pretrained weights: "
-                  "resnet20, resnet56, lenet5, efficientnet_lite0")
+                  "resnet20, resnet56, lenet5, efficientnet_lite0; or vgg11_bn, resnet18 with --checkpoint")
   ap.add_argument("--checkpoint", type=pathlib.Path, help="weights file (default: the one under IFJAX_DATA "
-                  "or the installed package)")
+                  "or the installed package), or an ifjax.save directory (experiments/train_cifar.py)")
   ap.add_argument("--importance", nargs="+", default=["l1"], help="l1, l2, linf, lamp, taylor, random")
   ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
   ap.add_argument("--groups", type=int, nargs="+", help="paper indices (0 = closest to the output); default all")
