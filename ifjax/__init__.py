@@ -5,7 +5,7 @@
 358
 """
 
-from ifjax import importance, models
+from ifjax import finetune, importance, models, split_data, train
 from ifjax._batchnorm import fold_batchnorm
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
@@ -37,6 +37,7 @@ __all__ = [
     "align_models",
     "apply_plan",
     "check_spec",
+    "finetune",
     "fold_batchnorm",
     "fuse_models",
     "importance",
@@ -55,8 +56,10 @@ __all__ = [
     "save",
     "solve_exact",
     "solve_sinkhorn",
+    "split_data",
     "state_dict",
     "trace_spec",
+    "train",
     "transport_maps",
     "widths",
 ]
