@@ -273,3 +273,33 @@ def test_tfrecord_needs_tensorflow_and_is_read_by_tfds_dataset(tmp_path, cifar10
     assert x.shape == (224, 224, 3) and x.dtype == np.uint8
     # TF's JPEG decoder, bicubic + antialias and floor-centered crop vs Pillow's (measured: mean 1.0-1.7, max 8)
     assert np.abs(x.astype(float) - pil[int(y)]).mean() < 3
+
+
+def test_fit_trains_from_tfds_batches(cifar10):
+  """The whole path: a prepared TFDS split -> tfds_batches -> ifjax.train.fit (its steps per epoch feed the
+  optimizer factory) -> evaluate on the tfds_dataset test split."""
+  import jax
+  import jax.numpy as jnp
+
+  import ifjax
+  from ifjax import train
+
+  data_dir, arrays = cifar10
+  batches = data.tfds_batches("cifar10", "train", batch_size=8, data_dir=data_dir,
+                              preprocess=lambda im: data.preprocess("resnet20", im))
+  module, _ = ifjax.models.get("mlp")
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  steps_seen = []
+
+  def optimizer(steps_per_epoch):
+    steps_seen.append(steps_per_epoch)
+    return train.paper_sgd("train", steps_per_epoch)
+
+  out, history = train.fit(module, variables, batches, epochs=2, optimizer=optimizer, progress=False)
+  assert steps_seen == [N_TRAIN // 8] and len(history) == 2 and np.isfinite(history[-1]["loss"])
+  assert not np.allclose(out["params"]["head"]["kernel"], variables["params"]["head"]["kernel"])
+  images, labels = arrays["test"]
+  test = [(data.preprocess("resnet20", x), y) for x, y in data.tfds_dataset("cifar10", "test", data_dir=data_dir,
+                                                                              batch_size=4)]
+  expected = np.mean(np.argmax(module.apply(out, data.preprocess("resnet20", images)), -1) == labels)
+  assert train.evaluate(module, out, test) == pytest.approx(expected)
