@@ -188,12 +188,7 @@ def make_step(module, optimizer: optax.GradientTransformation, mesh: Mesh | None
   """
   step = _step_fn(module, optimizer, augment)
   if model_axis is not None:
-    one = step
-
-    def step(state, images, labels, key):
-      keys = jax.random.split(key, images.shape[0])
-      return jax.vmap(one)(state, images, labels, keys)
-
+    step = _many_models(step, mesh, model_axis)
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
@@ -208,6 +203,29 @@ def make_step(module, optimizer: optax.GradientTransformation, mesh: Mesh | None
                    out_shardings=(state_sh, state_sh if model_axis else replicated), donate_argnums=donate_argnums)
   checked.jitted = jitted
   return checked
+
+
+def _many_models(one, mesh: Mesh | None, model_axis: str):
+  """The step of one model -> the step of k stacked models. Inside a device group the models' steps are
+  unrolled one after the other in the program (measured on XLA:CPU with ResNet20: ``vmap`` turns every conv
+  into a grouped conv with the models as groups, and ``lax.map`` puts the convs in a loop; both ran 20-40x
+  slower). On a mesh, ``shard_map`` over ``model_axis`` alone gives every group of devices its own models,
+  while the batch inside a group stays split over the data axis by the compiler."""
+
+  def local(state, images, labels, keys):
+    args = (state, images, labels, keys)
+    outs = [one(*jax.tree_util.tree_map(lambda x, i=i: x[i], args)) for i in range(images.shape[0])]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+  def step(state, images, labels, key):
+    keys = jax.random.split(key, images.shape[0])
+    if mesh is None:
+      return local(state, images, labels, keys)
+    spec = P(model_axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec),
+                         axis_names={model_axis})(state, images, labels, keys)
+
+  return step
 
 
 def shardings(mesh: Mesh, data_axis: str = "data", model_axis: str | None = None):
