@@ -375,7 +375,8 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
       ``(seed, epoch)``, the last partial batch dropped) or a callable ``epoch -> iterable of (images,
       labels)`` batches (e.g. :func:`ifjax.data.tfds_batches`).
     optimizer: an optax transformation, or a callable ``steps_per_epoch -> transformation`` (e.g.
-      ``functools.partial(paper_sgd, "train")``; needs array data).
+      ``functools.partial(paper_sgd, "train")``; needs the steps per epoch: array data, or a batch callable
+      with a ``steps`` attribute such as :func:`ifjax.data.tfds_batches`).
     mesh: data-parallel over ``data_axis`` (see :func:`make_step`).
     eval_data: evaluated after every epoch (``eval_accuracy`` in the history).
     checkpoint_dir: after every epoch the state, history and epoch are saved there (orbax); a new call
