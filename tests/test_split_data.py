@@ -75,3 +75,19 @@ def test_paf_fap_and_whole_data_run_end_to_end():
   base = split_data.whole_data("mlp", whole, 0.5, data, prune_epochs=1, finetune_epochs=2, **{
       k: v for k, v in common.items() if k not in ("prune_epochs", "finetune_epochs")})
   assert base.widths == paf.widths and base.accuracy > 0.5
+
+
+def test_four_fold_split_data_trains_and_fuses_six_models():
+  module, spec = ifjax.models.get("mlp")
+  data = _clusters(480)
+  sets = split_data.split(data, 4, seed=2)
+  assert len(sets) == 6 and all(len(y) == 240 for _, y in sets)
+  init = [module.init(jax.random.key(i), jnp.zeros((1, 64))) for i in range(6)]
+  models, history, _ = split_data.train_models(module, init, sets, epochs=2, optimizer=optax.sgd(0.05, momentum=0.9),
+                                               batch_size=48, progress=False)
+  assert len(models) == 6 and len(history[-1]["loss"]) == 6
+  # each model trained on its own set: they differ from each other
+  assert not np.allclose(models[0]["params"]["head"]["kernel"], models[1]["params"]["head"]["kernel"])
+  fap = split_data.fuse_and_prune("mlp", models, 0.5, data, prune_epochs=1, finetune_epochs=1, fusion="weights",
+                                  eval_data=data, batch_size=48, progress=False, optimizer=optax.sgd(0.05))
+  assert fap.widths == {"dense0": 64, "dense1": 32} and fap.accuracy > 0.5
