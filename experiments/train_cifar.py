@@ -30,6 +30,7 @@ def main(argv=None):
   ap.add_argument("--model", default="vgg11_bn", help="vgg11_bn, resnet18, resnet20, ...")
   ap.add_argument("--epochs", type=int, default=30)
   ap.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset")
+  ap.add_argument("--test-limit", type=int, default=None, help="class-balanced test subset (default: all 10,000)")
   ap.add_argument("--batch-size", type=int, default=128)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--checkpoint-dir", type=pathlib.Path, required=True)
@@ -38,7 +39,7 @@ def main(argv=None):
 
   x, y = data.cifar10_jpeg("train", limit=args.train_limit)
   train_set = (data.preprocess(args.model, x), y)
-  xt, yt = data.cifar10_jpeg("test")
+  xt, yt = data.cifar10_jpeg("test", limit=args.test_limit)
   test_set = (data.preprocess(args.model, xt), yt)
   mean, std = (np.asarray(data.PREPROCESS[data.MODEL_PREPROCESS[args.model]][k]) for k in ("mean", "std"))
   module, spec = ifjax.models.get(args.model)
@@ -54,7 +55,7 @@ def main(argv=None):
   for h in history:
     print(f"epoch {h['epoch']:3d}: loss {h['loss']:.4f}, train {100 * h['accuracy']:.2f}%, "
           f"test {100 * h['eval_accuracy']:.2f}%, {h['seconds']:.0f} s")
-  print(f"{args.model}: {100 * history[-1]['eval_accuracy']:.2f}% on the 10,000 test images after "
+  print(f"{args.model}: {100 * history[-1]['eval_accuracy']:.2f}% on {len(yt)} test images after "
         f"{len(history)} epochs; this call {time.perf_counter() - t0:.0f} s; saved to {args.out}")
 
 

@@ -50,3 +50,39 @@ def test_grid_writes_results_and_resumes(tmp_path, capsys):
   assert "resuming: 7 cells" in capsys.readouterr().out
   with open(tmp_path / "results.csv") as f:
     assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def _need_cifar():
+  if not (ifjax.data.data_dir() / "cifar10-jpeg.zip").is_file() or not ifjax.models.checkpoint_path("resnet20").is_file():
+    pytest.skip("CIFAR-10 JPEG zip or ResNet20 checkpoint not found; set IFJAX_DATA (see ../shared/data/README.md)")
+
+
+def test_fine_tune_writes_results_and_resumes(tmp_path, capsys):
+  _need_cifar()
+  ft = _script("fine_tune")
+  argv = ["--model", "resnet20", "--sparsities", "0.3", "--epochs", "1", "--train-limit", "260", "--test-limit", "200",
+          "--out", str(tmp_path)]
+  ft.main(argv)
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["method"], r["epoch"]) for r in rows] == [("default", "0"), ("default", "1"), ("if", "0"), ("if", "1")]
+  assert all(0 <= float(r["accuracy"]) <= 100 for r in rows)
+  assert "| 0.3 | if |" in (tmp_path / "results.md").read_text() and (tmp_path / "accuracy.png").is_file()
+  ft.main(argv)  # resumes: nothing appended
+  with open(tmp_path / "results.csv") as f:
+    assert len(list(csv.DictReader(f))) == 4
+
+
+def test_train_save_then_data_free_grid(tmp_path):
+  _need_cifar()
+  tc, df = _script("train_cifar"), _script("data_free")
+  tc.main(["--model", "resnet20", "--epochs", "1", "--train-limit", "260", "--test-limit", "100",
+           "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "final")])
+  assert (tmp_path / "ck" / "epoch_1").is_dir() and (tmp_path / "final_history.json").is_file()
+  variables, spec, widths, _ = ifjax.restore(tmp_path / "final")
+  assert spec.names == ifjax.models.get("resnet20")[1].names
+  df.main(["--model", "resnet20", "--checkpoint", str(tmp_path / "final"), "--groups", "0", "--sparsities", "0.5",
+           "--methods", "default", "if_paper", "--limit", "100", "--out", str(tmp_path / "grid")])
+  with open(tmp_path / "grid" / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 1 + 2 * 2
