@@ -96,8 +96,8 @@ def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float 
     train_data: ``(images, labels)`` arrays, preprocessed (see :func:`ifjax.train.fit`).
     method: ``"if"`` (Intra-Fusion, :func:`ifjax.plan` with ``plan_options``) or ``"default"`` (keep the
       most important neurons).
-    importance: as for :func:`ifjax.plan`, or ``"taylor"``: Taylor scores from the first
-      ``taylor_batches`` training batches, recomputed at every step.
+    importance: as for :func:`ifjax.plan`, or ``"taylor"``: Taylor scores from ``taylor_batches`` random
+      training batches, recomputed at every step.
     recalibrate: re-estimate the BatchNorm statistics on this many training batches after each pruning
       step (:func:`ifjax.recalibrate_batchnorm`; data-light); 0 = off (the paper's setting).
     optimizer: as for :func:`ifjax.train.fit`; default the paper's fine-tuning SGD (lr 0.01).

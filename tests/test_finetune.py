@@ -78,3 +78,19 @@ def test_iterative_pruning_with_fine_tuning(mlp):
     finetune.prune_and_finetune("mlp", variables, 0.5, data, steps=0)
   with pytest.raises(ValueError, match="unknown zoo model"):
     finetune.prune_and_finetune("mlp9", variables, 0.5, data)
+
+
+def test_recalibrate_restores_batchnorm_statistics():
+  """After apply_plan the BNs are folded identities; recalibrate=... gives them real statistics again, so the
+  pruned model agrees with its own train-mode BN on the calibration data."""
+  module, spec = ifjax.models.get("resnet20")
+  rng = np.random.default_rng(0)
+  data = (rng.normal(size=(64, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 64).astype(np.int32))
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  plain = finetune.prune_and_finetune("resnet20", variables, {"layer2_0/conv1": 0.5}, data, progress=False)
+  fixed = finetune.prune_and_finetune("resnet20", variables, {"layer2_0/conv1": 0.5}, data, recalibrate=2,
+                                      batch_size=32, progress=False)
+  assert plain.widths == fixed.widths and fixed.widths["layer2_0/conv1"] == 16
+  mean_plain = np.asarray(plain.variables["batch_stats"]["layer2_0"]["bn1"]["mean"])
+  mean_fixed = np.asarray(fixed.variables["batch_stats"]["layer2_0"]["bn1"]["mean"])
+  assert np.allclose(mean_plain, 0) and not np.allclose(mean_fixed, 0)
