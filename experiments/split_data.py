@@ -38,6 +38,8 @@ def parse(argv=None):
   ap.add_argument("--steps", type=int, default=1, help="iterative pruning steps")
   ap.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5])
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--same-init", action="store_true", help="start every model (split and whole-data) from the same "
+                  "random init (default: a different seed per model)")
   ap.add_argument("--out", required=True)
   return ap.parse_args(argv)
 
@@ -73,7 +75,8 @@ def run(args, models_count: int):
                for k in ("mean", "std"))
   opts = dict(augment=train.flip_crop(4, fill=tuple((-mean / std).tolist())), batch_size=128)
   module, spec = ifjax.models.get(args.model)
-  init = [module.init(jax.random.key(args.seed + i), jnp.zeros((1, 32, 32, 3))) for i in range(models_count + 1)]
+  init = [module.init(jax.random.key(args.seed + (0 if args.same_init else i)), jnp.zeros((1, 32, 32, 3)))
+          for i in range(models_count + 1)]
   cpus = jax.devices()
   pair_mesh = train.make_mesh({"models": models_count, "data": args.devices_per_model})
   one_mesh = train.make_mesh({"data": args.devices_per_model}, cpus[:args.devices_per_model])
@@ -128,7 +131,8 @@ def report(rows, out: pathlib.Path, args, acc_split, acc_whole, t_split, t_whole
 
   per_model = t_split / models_count
   lines = ["```", "python " + " ".join(sys.argv), "```", "",
-           f"{args.model} from scratch on {args.train_limit} CIFAR-10 JPEG training images ({args.train_epochs} epochs), "
+           f"{args.model} from scratch ({'one shared init' if args.same_init else 'a different init per model'}) on "
+           f"{args.train_limit} CIFAR-10 JPEG training images ({args.train_epochs} epochs), "
            f"k = {args.k}: {models_count} half-data models on a (models={models_count}, data={args.devices_per_model}) "
            "mesh of simulated XLA:CPU devices that share this machine's cores.", "",
            f"- split models: {', '.join(f'{100 * a:.2f}%' for a in acc_split)}; whole-data model: {100 * acc_whole:.2f}%",
