@@ -46,7 +46,7 @@ def folds(n: int, k: int, seed: int = 0, drop_remainder: bool = False) -> list[n
   """k disjoint folds of ``range(n)``, equal in size, drawn at random with ``seed`` (sorted indices).
 
   >>> [f.tolist() for f in folds(6, 2, seed=0)]
-  [[0, 3, 4], [1, 2, 5]]
+  [[2, 3, 5], [0, 1, 4]]
   """
   if not isinstance(k, int) or k < 2:
     raise SplitDataError(f"the fold count k must be an int >= 2, got {k!r}")
