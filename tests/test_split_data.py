@@ -1,6 +1,5 @@
 """ifjax.split_data: folds, k-fold subsets, parallel training, PaF / FaP / whole-data end to end."""
 
-import itertools
 import math
 
 import jax
