@@ -198,7 +198,6 @@ def make_step(module, optimizer: optax.GradientTransformation, mesh: Mesh | None
 
   jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, batch_sh, replicated),
                    out_shardings=(state_sh, state_sh if model_axis else replicated), donate_argnums=donate_argnums)
-  checked.jitted = jitted
   return checked
 
 
@@ -211,8 +210,7 @@ def _many_models(one, mesh: Mesh | None, model_axis: str):
 
   def local(state, images, labels, keys):
     args = (state, images, labels, keys)
-    outs = [one(*jax.tree_util.tree_map(lambda x, i=i: x[i], args)) for i in range(images.shape[0])]
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    return stack([one(*jax.tree_util.tree_map(lambda x, i=i: x[i], args)) for i in range(images.shape[0])])
 
   def step(state, images, labels, key):
     keys = jax.random.split(key, images.shape[0])
@@ -232,14 +230,12 @@ def evaluate(module, variables: Mapping[str, Any], data, mesh: Mesh | None = Non
   iterable of such batches. The last partial batch is padded and masked, so one program serves all."""
   count, correct = 0, 0
   predict = _predict_fn(module, mesh, data_axis)
+  size = batch_size if mesh is None else -(-batch_size // mesh.shape[data_axis]) * mesh.shape[data_axis]
+  batch_sh = None if mesh is None else NamedSharding(mesh, P(data_axis))
   for images, labels in _eval_batches(data, batch_size):
     n = len(labels)
-    size = batch_size if mesh is None else -(-batch_size // mesh.shape[data_axis]) * mesh.shape[data_axis]
-    if n > size:
-      size = n
-    padded = np.zeros((size, *np.shape(images)[1:]), np.asarray(images).dtype)
+    padded = np.zeros((max(size, n), *np.shape(images)[1:]), np.asarray(images).dtype)
     padded[:n] = images
-    batch_sh = None if mesh is None else NamedSharding(mesh, P(data_axis))
     pred = np.asarray(jax.device_get(predict(variables, shard(padded, batch_sh))))[:n]
     correct += int(np.sum(pred == np.asarray(labels)))
     count += n
