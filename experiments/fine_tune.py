@@ -43,8 +43,7 @@ def run(args) -> list[dict]:
   train_set = (data.preprocess(args.model, x), y)
   xt, yt = data.cifar10_jpeg("test", limit=args.test_limit)
   test_set = (data.preprocess(args.model, xt), yt)
-  mean, std = (np.asarray(data.PREPROCESS[data.MODEL_PREPROCESS[args.model]][k]) for k in ("mean", "std"))
-  augment = train.flip_crop(4, fill=tuple((-mean / std).tolist()))  # torchvision pads with black pixels
+  augment = train.flip_crop(4, fill=data.black_pixel(args.model))  # torchvision pads with black pixels
   module, _ = ifjax.models.get(args.model)
   dense = train.evaluate(module, variables, test_set)
   print(f"{args.model}: dense test accuracy {100 * dense:.2f}% on {len(yt)} images; fine-tuning on {len(y)} training "

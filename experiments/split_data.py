@@ -60,7 +60,6 @@ def run(args, models_count: int):
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   import ifjax
   from ifjax import data, split_data, train
@@ -71,9 +70,7 @@ def run(args, models_count: int):
   train_set = (data.preprocess(args.model, x), y)
   xt, yt = data.cifar10_jpeg("test", limit=args.test_limit)
   test_set = (data.preprocess(args.model, xt), yt)
-  mean, std = (np.asarray(data.PREPROCESS[data.MODEL_PREPROCESS.get(args.model, "cifar_resnet")][k])
-               for k in ("mean", "std"))
-  opts = dict(augment=train.flip_crop(4, fill=tuple((-mean / std).tolist())), batch_size=128)
+  opts = dict(augment=train.flip_crop(4, fill=data.black_pixel(args.model)), batch_size=128)
   module, spec = ifjax.models.get(args.model)
   init = [module.init(jax.random.key(args.seed + (0 if args.same_init else i)), jnp.zeros((1, 32, 32, 3)))
           for i in range(models_count + 1)]

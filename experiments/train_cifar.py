@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import ifjax
 from ifjax import data, train
@@ -41,7 +40,6 @@ def main(argv=None):
   train_set = (data.preprocess(args.model, x), y)
   xt, yt = data.cifar10_jpeg("test", limit=args.test_limit)
   test_set = (data.preprocess(args.model, xt), yt)
-  mean, std = (np.asarray(data.PREPROCESS[data.MODEL_PREPROCESS[args.model]][k]) for k in ("mean", "std"))
   module, spec = ifjax.models.get(args.model)
   variables = module.init(jax.random.key(args.seed), jnp.zeros((1, 32, 32, 3)))
   mesh = train.make_mesh({"data": jax.local_device_count()}, jax.local_devices())
@@ -49,7 +47,7 @@ def main(argv=None):
   variables, history = train.fit(module, variables, train_set, epochs=args.epochs, mesh=mesh,
                                  optimizer=lambda s: train.paper_sgd("train", s), eval_data=test_set,
                                  checkpoint_dir=args.checkpoint_dir.resolve(), batch_size=args.batch_size,
-                                 seed=args.seed, augment=train.flip_crop(4, fill=tuple((-mean / std).tolist())))
+                                 seed=args.seed, augment=train.flip_crop(4, fill=data.black_pixel(args.model)))
   ifjax.save(args.out.resolve(), variables, spec)
   (args.out.parent / f"{args.out.name}_history.json").write_text(json.dumps(history, indent=1))
   for h in history:

@@ -297,10 +297,7 @@ def preprocess(model: str, images) -> np.ndarray:
   ``model`` is a zoo name of :data:`MODEL_PREPROCESS` or a key of :data:`PREPROCESS`; ``images``
   are uint8 (or float in [0, 255]) NHWC of the model's shape.
   """
-  key = MODEL_PREPROCESS.get(model, model)
-  if key not in PREPROCESS:
-    raise ValueError(f"unknown model {model!r}; known: {sorted(set(MODEL_PREPROCESS) | set(PREPROCESS))}")
-  cfg = PREPROCESS[key]
+  cfg = _config(model)
   x = np.asarray(images)
   kind = "RGB" if cfg["shape"][-1] == 3 else "greyscale"
   expected = f"(N, {', '.join(map(str, cfg['shape']))}) (NHWC, uint8 {kind})"
@@ -313,6 +310,24 @@ def preprocess(model: str, images) -> np.ndarray:
       raise ValueError(f"{model} expects float images in [0, 255], got values in [{x.min()}, {x.max()}]")
   mean, std = (np.asarray(cfg[k], np.float32) for k in ("mean", "std"))
   return ((x.astype(np.float32) / np.float32(255) - mean) / std).astype(np.float32)
+
+
+def black_pixel(model: str) -> tuple[float, ...]:
+  """What :func:`preprocess` makes of a black pixel, ``-mean / std`` per channel: the padding value that
+  matches torchvision's zero padding of raw images (e.g. ``ifjax.train.flip_crop(4, fill=black_pixel(m))``).
+
+  >>> [round(v, 3) for v in black_pixel("resnet20")]
+  [-2.118, -2.036, -1.804]
+  """
+  cfg = _config(model)
+  return tuple((-np.asarray(cfg["mean"]) / np.asarray(cfg["std"])).tolist())
+
+
+def _config(model: str) -> dict:
+  key = MODEL_PREPROCESS.get(model, model)
+  if key not in PREPROCESS:
+    raise ValueError(f"unknown model {model!r}; known: {sorted(set(MODEL_PREPROCESS) | set(PREPROCESS))}")
+  return PREPROCESS[key]
 
 
 def batches(images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
