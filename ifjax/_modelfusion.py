@@ -28,7 +28,8 @@ import numpy as np
 
 from ifjax import _transport
 from ifjax._batchnorm import fold_batchnorm
-from ifjax._fuse import ConvergenceWarning, _bias_members, _check_choice, _checked, derived_bn
+from ifjax._fuse import (ConvergenceWarning, GroupPlan, _bias_members, _check_choice, _checked, derived_bn,
+                         edit_members)
 from ifjax._importance import member_rows
 from ifjax._spec import Group, Member, Spec, Variables, flatten, unflatten
 
@@ -276,16 +277,15 @@ def _solve(names: Sequence[str], costs: list[jax.Array], *, solver, epsilon, thr
 
 def _apply_maps(flat: Mapping[str, Any], spec: Spec, group_maps: Iterable[tuple[Group, jax.Array]]) -> dict:
   """``flat`` with every member of each group (and the BN arrays of its producer layers) mapped: the group's
-  n entries along the member axis become ``map @ entries``."""
-  out = dict(flat)
-  for g, mat in group_maps:
-    n = mat.shape[0]
-    for m in [*g.members, *(m for m, _ in derived_bn(spec, g) if m.path in out)]:
-      x = m.neurons_first(out[m.path])
-      seg = jnp.tensordot(mat, x[m.offset:m.offset + n].astype(jnp.float32), axes=1,
-                          precision=jax.lax.Precision.HIGHEST)
-      out[m.path] = m.restore(x.at[m.offset:m.offset + n].set(seg.astype(x.dtype)))
-  return out
+  n entries along the member axis become ``map @ entries``. The segment-edit loop of :func:`ifjax.apply_plan`
+  (``edit_members``), with (n, n) maps on both sides."""
+  plan = {g.name: GroupPlan(None, jnp.zeros(mat.shape[0]), None, mat, mat, jnp.asarray(True), jnp.asarray(0.0),
+                            jnp.asarray(0)) for g, mat in group_maps}
+
+  def roles(g: Group):
+    return [(m, "producer") for m in (*g.members, *(m for m, _ in derived_bn(spec, g) if m.path in flat))]
+
+  return edit_members(flat, spec, plan, roles)
 
 
 # -- input checks ----------------------------------------------------------------------------
