@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -432,8 +431,7 @@ def _bar(show: bool, total: int | None, desc: str):
 
 def _checkpoint(directory, state: TrainState, history: list[dict], epoch: int, fingerprint: dict):
   from ifjax import _save
-  tree = flax.serialization.to_state_dict(jax.device_get(state))
-  _save.write_tree(Path(directory) / f"epoch_{epoch}", tree,
+  _save.write_tree(Path(directory) / f"epoch_{epoch}", jax.device_get(state),
                    {"epoch": epoch, "history": history, "fingerprint": fingerprint})
 
 
@@ -442,9 +440,8 @@ def _resume(directory, state: TrainState, fingerprint: dict) -> tuple[TrainState
   path = _save.latest(directory, "epoch")
   if path is None:
     return state, [], 0
-  template = flax.serialization.to_state_dict(jax.device_get(state))
-  tree, meta = _save.read_tree(path, template)
+  restored, meta = _save.read_tree(path, state)  # rebuilt into the TrainState structure
   if meta.get("fingerprint") != fingerprint:
     raise TrainingError(f"{path}: this checkpoint was written with {meta.get('fingerprint')}, but the run asks for "
                         f"{fingerprint}; use another checkpoint_dir or the same settings")
-  return flax.serialization.from_state_dict(state, tree), list(meta["history"]), int(meta["epoch"])
+  return restored, list(meta["history"]), int(meta["epoch"])
