@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from ifjax import _importance, train
-from ifjax._fuse import apply_plan, kept_count, plan
+from ifjax._fuse import _ratios, apply_plan, kept_count, plan
 from ifjax._repair import recalibrate_batchnorm
 from ifjax._spec import Spec, widths as group_widths
 
@@ -110,7 +110,7 @@ def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float 
   module, spec = build({})
   optimizer = optimizer or functools.partial(train.paper_sgd, "finetune")
   sizes = spec.validate(variables)
-  ratios = {g.name: r for g, r in _selected(spec, ratio, groups)}
+  ratios = {g.name: r for g, r in _ratios(spec, ratio, groups)}
   images, labels = train_data
   history, current = [], dict(variables)
   targets = step_widths(sizes, ratios, steps)
@@ -146,8 +146,3 @@ def _sample(images, labels, count: int, batch_size: int, seed: int) -> list[tupl
   """``count`` batches drawn at random without replacement (training sets are often sorted by class)."""
   idx = np.random.default_rng(seed).permutation(len(images))[:count * batch_size]
   return [(images[np.sort(j)], labels[np.sort(j)]) for j in np.array_split(idx, max(1, -(-len(idx) // batch_size)))]
-
-
-def _selected(spec: Spec, ratio, groups):
-  from ifjax._fuse import _ratios
-  return _ratios(spec, ratio, groups)
