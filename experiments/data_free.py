@@ -117,6 +117,7 @@ def make_evaluator(module, x, y, batch_size: int):
   predict = jax.jit(lambda v, xb: module.apply(v, xb, train=False).argmax(-1))
 
   def accuracy(variables) -> float:
+    variables = jax.device_put(variables, jax.devices()[0])  # fused on the host CPU (--fusion-device cpu)?
     hits = sum(int((np.asarray(predict(variables, xb)) == yb).sum()) for xb, yb in data.batches(x, y, batch_size))
     return 100.0 * hits / len(y)
 
@@ -174,6 +175,8 @@ def run(args) -> list[dict]:
     writer.writerows(new)
     f.flush()
     scores = {}
+    if args.fusion_device == "cpu":  # committed to the CPU, so every eager fusion op runs there
+      variables = jax.device_put(variables, jax.devices("cpu")[0])
     t0 = time.perf_counter()
     bar = tqdm(cells, desc=f"{args.model} grid", disable=None, dynamic_ncols=True)
     for imp, (label, group), s, meth in bar:
@@ -293,12 +296,22 @@ def main(argv=None):
   ap.add_argument("--limit", type=int, help="evaluate on a class-balanced subset of this many test images")
   ap.add_argument("--calibration-images", type=int, default=500, help="training images for taylor importance")
   ap.add_argument("--batch-size", type=int, default=500)
+  ap.add_argument("--fusion-device", choices=["default", "cpu"], default="default",
+                  help="where plan/apply_plan run: 'cpu' keeps their many small eager ops off an accelerator, "
+                       "whose per-shape compiles dominate there; evaluation stays on the default device")
   ap.add_argument("--out", type=pathlib.Path, required=True, help="folder for results.csv, results.md, accuracy.png")
+  ap.add_argument("--report-only", action="store_true",
+                  help="no model, no evaluation: rewrite results.md and accuracy.png from --out's results.csv")
   args = ap.parse_args(argv)
   for m in args.methods:
     method_options(m)
   t0 = time.perf_counter()
-  rows = run(args)
+  if args.report_only:
+    rows = [r for r in read_rows(args.out / "results.csv") if r["model"] == args.model]
+    if not rows:
+      raise SystemExit(f"--report-only: no rows for {args.model} in {args.out / 'results.csv'}")
+  else:
+    rows = run(args)
   methods = [m for m in args.methods]
   command = "python experiments/data_free.py " + " ".join(sys.argv[1:] if argv is None else argv)
   table = f"`{command}`\n\n" + summarize(rows, methods)

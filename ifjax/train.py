@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -103,15 +104,16 @@ def paper_schedule(base_lr: float, steps_per_epoch: int, every: int = 30, factor
 
 
 def paper_sgd(phase: str = "train", steps_per_epoch: int = 391, momentum: float = 0.9,
-              weight_decay: float = 0.0) -> optax.GradientTransformation:
+              weight_decay: float = 0.0, every: int = 30) -> optax.GradientTransformation:
   """SGD, momentum 0.9, lr 0.05 (``"train"``) or 0.01 (``"finetune"``) halved every 30 epochs.
 
   The paper gives no weight decay (the authors' training loop has none); ``weight_decay`` adds
-  coupled L2 as PyTorch's SGD does.
+  coupled L2 as PyTorch's SGD does. ``every`` (epochs between halvings) compresses the schedule for
+  shorter runs: ``every=E // 10`` gives an E-epoch run the ten halvings of the paper's 300 epochs.
   """
   if phase not in PAPER_BASE_LR:
     raise TrainingError(f"phase must be one of {sorted(PAPER_BASE_LR)}, got {phase!r}")
-  sgd = optax.sgd(paper_schedule(PAPER_BASE_LR[phase], steps_per_epoch), momentum=momentum)
+  sgd = optax.sgd(paper_schedule(PAPER_BASE_LR[phase], steps_per_epoch, every), momentum=momentum)
   return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
 
 
@@ -303,7 +305,8 @@ class _Data:
 
 def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: int, optimizer, mesh: Mesh | None = None,
         eval_data=None, checkpoint_dir=None, progress: bool = True, batch_size: int = 128, seed: int = 0,
-        augment: Augment | None = None, data_axis: str = "data", desc: str = "train") -> tuple[dict, list[dict]]:
+        augment: Augment | None = None, data_axis: str = "data", desc: str = "train", checkpoint_every: int = 1,
+        time_limit: float | None = None) -> tuple[dict, list[dict]]:
   """Trains ``module`` from ``variables`` for ``epochs`` epochs; returns ``(variables, history)``.
 
   Args:
@@ -315,9 +318,11 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
       with a ``steps`` attribute such as :func:`ifjax.data.tfds_batches`).
     mesh: data-parallel over ``data_axis`` (see :func:`make_step`).
     eval_data: evaluated after every epoch (``eval_accuracy`` in the history).
-    checkpoint_dir: after every epoch the state, history and epoch are saved there (orbax); a new call
-      with the same directory resumes after the last complete epoch and gives the same result as an
-      uninterrupted run.
+    checkpoint_dir: every ``checkpoint_every`` epochs, after the last one and when stopping early, the
+      state, history and epoch are saved there (orbax); a new call with the same directory resumes after
+      the last saved epoch and gives the same result as an uninterrupted run.
+    time_limit: seconds; the first epoch that ends later than this after the call began is the last one
+      run (so a job fits a wall-clock allowance; with ``checkpoint_dir`` a later call continues).
     progress: a tqdm bar with the running loss and accuracy.
     augment: e.g. :func:`flip_crop`; the key of step s of epoch e is ``fold_in(fold_in(key(seed), e), s)``.
 
@@ -332,14 +337,16 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
   sh = None if mesh is None else shardings(mesh, data_axis)
   evaluate_fn = None if eval_data is None else (
       lambda st: evaluate(module, state_variables(st), eval_data, mesh, data_axis=data_axis))
-  state, history = _loop(step, state, [data], epochs, sh, seed, checkpoint_dir, progress, desc, evaluate_fn, False)
+  state, history = _loop(step, state, [data], epochs, sh, seed, checkpoint_dir, progress, desc, evaluate_fn, False,
+                         checkpoint_every, time_limit)
   return state_variables(jax.device_get(state)), history
 
 
 def fit_many(module, variables: Sequence[Mapping[str, Any]], train_data: Sequence[TrainData], *, epochs: int,
              optimizer, mesh: Mesh | None = None, eval_data=None, checkpoint_dir=None, progress: bool = True,
              batch_size: int = 128, seed: int = 0, augment: Augment | None = None, data_axis: str = "data",
-             model_axis: str = "models", desc: str = "train") -> tuple[list[dict], list[dict]]:
+             model_axis: str = "models", desc: str = "train", checkpoint_every: int = 1,
+             time_limit: float | None = None) -> tuple[list[dict], list[dict]]:
   """k models trained side by side, model i on ``train_data[i]``, as one program with a model axis
   (see :func:`make_step`); the arguments are those of :func:`fit`. Returns ``([variables_i], history)``;
   history entries hold per-model lists. Every model takes the same number of steps per epoch (the
@@ -358,7 +365,7 @@ def fit_many(module, variables: Sequence[Mapping[str, Any]], train_data: Sequenc
     return [evaluate(module, state_variables(s), eval_data) for s in unstack(jax.device_get(st))]
 
   state, history = _loop(step, state, datas, epochs, sh, seed, checkpoint_dir, progress, desc,
-                         None if eval_data is None else evaluate_all, True)
+                         None if eval_data is None else evaluate_all, True, checkpoint_every, time_limit)
   return [state_variables(s) for s in unstack(jax.device_get(state))], history
 
 
@@ -375,11 +382,17 @@ def _optimizer(optimizer, steps_per_epoch: int | None) -> optax.GradientTransfor
 
 
 def _loop(step, state: TrainState, datas: list[_Data], epochs: int, sh, seed: int, checkpoint_dir, progress: bool,
-          desc: str, evaluate_fn, many: bool) -> tuple[TrainState, list[dict]]:
+          desc: str, evaluate_fn, many: bool, checkpoint_every: int = 1,
+          time_limit: float | None = None) -> tuple[TrainState, list[dict]]:
   """The epoch loop shared by :func:`fit` and :func:`fit_many` (``many``: one data set per model, batches
   stacked on a leading model axis)."""
+  started = time.perf_counter()
   if not isinstance(epochs, int) or epochs < 0:
     raise TrainingError(f"epochs must be a non-negative int, got {epochs!r}")
+  if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+    raise TrainingError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+  if time_limit is not None and not time_limit > 0:
+    raise TrainingError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
   fingerprint = {"batch_size": datas[0].batch_size, "seed": seed, "models": len(datas)}
   history, start = [], 0
   if checkpoint_dir is not None:
@@ -412,8 +425,13 @@ def _loop(step, state: TrainState, datas: list[_Data], epochs: int, sh, seed: in
       entry["eval_accuracy"] = evaluate_fn(state)
     entry["seconds"] = time.perf_counter() - t0
     history.append(entry)
-    if checkpoint_dir is not None:
+    out_of_time = time_limit is not None and time.perf_counter() - started > time_limit
+    if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or out_of_time):
       _checkpoint(checkpoint_dir, state, history, epoch + 1, fingerprint)
+    if out_of_time and epoch + 1 < epochs:
+      warnings.warn(f"{desc}: time_limit of {time_limit:.0f} s reached after epoch {epoch + 1} of {epochs}; stopping",
+                    stacklevel=3)
+      break
   return state, history
 
 

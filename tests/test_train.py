@@ -139,6 +139,27 @@ def test_fit_is_deterministic_and_resumes_exactly(tiny, tmp_path):
     train.fit(module, variables, data, epochs=4, checkpoint_dir=tmp_path, **{**kw, "batch_size": 8})
 
 
+def test_fit_time_limit_and_checkpoint_every(tiny, tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  module, variables = tiny
+  data = _toy()
+  kw = dict(optimizer=train.paper_sgd("train", 6), batch_size=16, progress=False)
+  full, _ = train.fit(module, variables, data, epochs=3, **kw)
+  # a tiny allowance stops after the first epoch, saving it although it is not a multiple of checkpoint_every
+  with pytest.warns(UserWarning, match="time_limit"):
+    _, hist = train.fit(module, variables, data, epochs=3, checkpoint_dir=tmp_path, checkpoint_every=2,
+                        time_limit=1e-9, **kw)
+  assert [h["epoch"] for h in hist] == [1]
+  resumed, hist = train.fit(module, variables, data, epochs=3, checkpoint_dir=tmp_path, checkpoint_every=2, **kw)
+  assert [h["epoch"] for h in hist] == [1, 2, 3]
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("epoch_")) == ["epoch_1", "epoch_2", "epoch_3"]
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)))
+  with pytest.raises(train.TrainingError, match="checkpoint_every"):
+    train.fit(module, variables, data, epochs=1, checkpoint_every=0, **kw)
+  with pytest.raises(train.TrainingError, match="time_limit"):
+    train.fit(module, variables, data, epochs=1, time_limit=0, **kw)
+
+
 def test_fit_many_equals_separate_fits(tiny):
   module, variables = tiny
   other = module.init(jax.random.key(1), jnp.zeros((1, 6, 6, 3)))
