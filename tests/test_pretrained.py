@@ -101,3 +101,27 @@ def test_missing_or_corrupt_checkpoint(tmp_path, monkeypatch):
   src.write_bytes(real.read_bytes()[:50_000])
   with pytest.raises(CheckpointError, match="truncated"):
     ifjax.models.pretrained("resnet20", src)
+
+
+# Cells of docs/results/resnet20_l1 (2,000 class-balanced JPEG test images, exact solver). Performance
+# work must not move them: (paper group index, sparsity, plan options, accuracy %).
+PINNED_RESNET20_CELLS = [
+    (13, 0.7, dict(fuse=False), 75.90),
+    (13, 0.7, dict(normalization="paper"), 72.30),
+    (13, 0.7, dict(normalization="barycentric"), 77.45),
+    (5, 0.5, dict(normalization="paper"), 71.90),
+    (5, 0.7, dict(normalization="barycentric"), 36.50),
+    (2, 0.5, dict(normalization="paper"), 64.60),
+]
+
+
+def test_resnet20_grid_cells_are_pinned():
+  module, spec, v = _pretrained("resnet20")
+  x, y = _data(data.cifar10_jpeg, "test", limit=2000)
+  x = data.preprocess("resnet20", x)
+  predict = jax.jit(lambda v, xb: module.apply(v, xb).argmax(-1))
+  for group, s, options, expected in PINNED_RESNET20_CELLS:
+    pl = ifjax.plan(v, spec, s, groups=group, **options)
+    fused = ifjax.apply_plan(v, spec, pl, keep_shapes=True)  # one compiled model for every cell
+    hits = sum(int((np.asarray(predict(fused, xb)) == yb).sum()) for xb, yb in data.batches(x, y, 1000))
+    assert abs(100.0 * hits / len(y) - expected) < 0.01, (group, s, options)
