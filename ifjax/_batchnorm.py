@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ifjax._spec import Spec, Variables, flatten, unflatten
+from ifjax._spec import Spec, Variables, array_module, flatten, unflatten
 
 
 def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
@@ -18,7 +18,8 @@ def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
   identity on its input (``mean = 0``, ``var = 1 - eps``, ``scale = 1``, plus
   that bias when the layer has none), so ``apply(..., train=False)`` gives the
   same outputs to float tolerance. Computed in float32, returned in each
-  array's dtype; the input is not modified.
+  array's dtype; the input is not modified. NumPy arrays in give NumPy arrays
+  out (the host path of :func:`ifjax.plan`), jax arrays give jax arrays.
 
   >>> import jax.numpy as jnp, ifjax
   >>> v = {"params": {"fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
@@ -29,6 +30,11 @@ def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
   >>> f["params"]["fc"]["kernel"][0].tolist(), f["params"]["fc"]["bias"].tolist()
   ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
   """
+  return unflatten(folded_flat(variables, spec))
+
+
+def folded_flat(variables: Variables, spec: Spec) -> dict:
+  """:func:`fold_batchnorm`, returned flat (``{"params/a/kernel": array}``)."""
   flat = dict(flatten(variables))
   for pair in spec.batchnorms:
     kp, bp = f"params/{pair.layer}/kernel", f"params/{pair.layer}/bias"
@@ -38,32 +44,33 @@ def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
       if p not in flat:
         raise ValueError(f"batchnorm pair {tuple(pair)!r}: missing {p!r}")
     kernel = flat[kp]
-    f32 = lambda p, default: jnp.asarray(flat[p], jnp.float32) if p in flat else default
+    xp = array_module(*(flat[p] for p in (kp, mp, vp, bp, sp, sb) if p in flat))
+    f32 = lambda p, default: xp.asarray(flat[p], xp.float32) if p in flat else default
     mean, var = f32(mp, None), f32(vp, None)
     scale, shift = f32(sp, 1.0), f32(sb, 0.0)
     if jnp.shape(mean)[0] != kernel.shape[-1]:
       raise ValueError(f"batchnorm pair {tuple(pair)!r}: {mp} has {jnp.shape(mean)[0]} channels, "
                        f"{kp} has {kernel.shape[-1]} outputs")
-    if not isinstance(var, jax.core.Tracer) and bool(jnp.any(var + pair.eps <= 0)):
-      raise ValueError(f"{vp!r} has entries with var + eps <= 0 (min {float(jnp.min(var))}); cannot fold "
+    if not isinstance(var, jax.core.Tracer) and bool(xp.any(var + pair.eps <= 0)):
+      raise ValueError(f"{vp!r} has entries with var + eps <= 0 (min {float(xp.min(var))}); cannot fold "
                        f"batchnorm pair {tuple(pair)!r}")
-    s = scale * jnp.reciprocal(jnp.sqrt(var + pair.eps))
-    flat[kp] = (jnp.asarray(kernel, jnp.float32) * s).astype(kernel.dtype)
+    s = scale * xp.reciprocal(xp.sqrt(var + xp.float32(pair.eps)))
+    flat[kp] = (xp.asarray(kernel, xp.float32) * s).astype(kernel.dtype)
     new_shift = shift - mean * s
     if bp in flat:
       b = flat[bp]
-      flat[bp] = (jnp.asarray(b, jnp.float32) * s + new_shift).astype(b.dtype)
-      new_shift = jnp.zeros_like(mean)
+      flat[bp] = (xp.asarray(b, xp.float32) * s + new_shift).astype(b.dtype)
+      new_shift = xp.zeros_like(mean)
     elif sb not in flat:
       raise ValueError(f"batchnorm pair {tuple(pair)!r}: the layer has no bias and the BN has no bias, "
                        "so the BN's shift (bias - mean * scale / sqrt(var + eps)) has nowhere to go")
     if sb in flat:
-      flat[sb] = jnp.broadcast_to(new_shift, jnp.shape(flat[sb])).astype(flat[sb].dtype)
+      flat[sb] = xp.broadcast_to(new_shift, xp.shape(flat[sb])).astype(flat[sb].dtype)
     if sp in flat:
-      flat[sp] = jnp.ones_like(flat[sp])
-    flat[mp] = jnp.zeros_like(flat[mp])
-    flat[vp] = jnp.full_like(flat[vp], 1.0 - pair.eps)
-  return unflatten(flat)
+      flat[sp] = xp.ones_like(flat[sp])
+    flat[mp] = xp.zeros_like(flat[mp])
+    flat[vp] = xp.full_like(flat[vp], 1.0 - pair.eps)
+  return flat
 
 
 def bn_paths(spec: Spec, layer: str) -> dict[str, str]:

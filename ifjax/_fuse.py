@@ -27,12 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax import _importance, _transport
-from ifjax._batchnorm import bn_paths, fold_batchnorm
-from ifjax._spec import FlatMember, Group, Member, Spec, Variables, flatten, unflatten
+from ifjax._batchnorm import bn_paths, folded_flat
+from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, on_host, to_jax,
+                         unflatten)
 
 
 class GroupPlan(NamedTuple):
-  """What happens to one group. All fields are arrays (or None), so a plan is a pytree.
+  """What happens to one group. All fields are arrays (or None), so a plan is a pytree: NumPy arrays from
+  a call on concrete inputs (the host path), jax arrays (tracers) under ``jit``.
 
   Attributes:
     keep: (m,) int32 indices of the kept neurons, ascending; None for the
@@ -112,9 +114,20 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
 
   Returns:
     ``{group name: GroupPlan}`` in network order.
+
+  Concrete inputs run on the host in NumPy (and POT), apart from large cost matrices, which use one
+  compiled kernel per shape, so a first call compiles next to nothing. Inside ``jax.jit`` (the spec,
+  ratio and options static) everything is ``jax.numpy`` and ``solver="sinkhorn"`` is required; the
+  checks that need concrete values and the Sinkhorn ``fallback`` are then skipped (read ``converged``
+  and ``marginal_error`` off the plan).
   """
-  folded = fold_batchnorm(_checked(variables, spec), spec)
-  flat = flatten(folded)
+  traced = is_traced(variables)
+  if traced and solver == "exact":
+    raise ValueError("solver='exact' runs POT on the host and cannot be traced; inside jax.jit use "
+                     "solver='sinkhorn'")
+  xp = jnp if traced else np
+  flat = folded_flat(_checked(variables if traced else on_host(variables), spec), spec)
+  folded = unflatten(flat, keep_flat=True)  # importance functions flatten it again: for free
   sizes = spec.validate(folded)
   ratios = _ratios(spec, ratio, groups)
   score_fn = _importance.resolve(importance)
@@ -137,39 +150,41 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     if m < 1:
       raise ValueError(f"group {g.name!r}: ratio {r} keeps floor({n} * (1 - {r})) = {m} of {n} neurons; "
                        "at least one must remain")
-    scores = jnp.asarray(score_fn(folded, dataclasses.replace(g, size=n)), jnp.float32)
+    scores = xp.asarray(score_fn(folded, dataclasses.replace(g, size=n)), xp.float32)
     if scores.shape != (n,):
       raise ValueError(f"importance for group {g.name!r} has shape {scores.shape}, expected ({n},)")
-    if not bool(jnp.all(jnp.isfinite(scores))):
+    if not traced and not np.all(np.isfinite(scores)):
       raise ValueError(f"importance for group {g.name!r} has NaN or Inf values")
-    keep = jnp.sort(jnp.argsort(-scores, stable=True)[:m]).astype(jnp.int32)
+    keep = xp.sort(xp.argsort(-scores, stable=True)[:m]).astype(xp.int32)
     prepared[g.name] = (g, n, m, scores, keep)
 
   if not fuse:
-    return {name: GroupPlan(keep, scores, None, None, None, jnp.asarray(True), jnp.asarray(0.0, jnp.float32),
-                            jnp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items()}
+    return {name: GroupPlan(keep, scores, None, None, None, xp.asarray(True), xp.asarray(0.0, xp.float32),
+                            xp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items()}
 
   problems = {}
   for name, (g, n, m, scores, keep) in prepared.items():
     x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
-    if (source_mass == "importance" or target_mass == "importance") and bool(jnp.any(scores < 0)):
+    uses_scores = source_mass == "importance" or target_mass == "importance"
+    if uses_scores and not traced and np.any(scores < 0):
       raise ValueError(f"group {name!r}: importance masses need non-negative scores")
-    if (source_mass == "importance" or target_mass == "importance") and float(jnp.sum(scores)) <= 0:
+    if uses_scores and not traced and np.sum(scores) <= 0:
       raise ValueError(f"group {name!r}: importance masses sum to zero (scores must have a positive sum)")
-    a = scores / jnp.sum(scores) if source_mass == "importance" else jnp.full((n,), 1.0 / n)
+    a = scores / xp.sum(scores) if source_mass == "importance" else xp.full((n,), 1.0 / n, xp.float32)
     if target == "most_important":
       y = x[keep]
-      b = scores[keep] if target_mass == "importance" else jnp.ones((m,))
+      b = scores[keep] if target_mass == "importance" else xp.ones((m,), xp.float32)
     else:
       key = jax.random.fold_in(jax.random.key(seed), len(problems))
       centroids, labels = _transport.kmeans(x, m, key)
-      y = _transport.normalize_rows(centroids)
+      y = _transport.normalize_rows(xp.asarray(centroids))
       b = jnp.zeros((m,)).at[labels].add(scores) if target_mass == "importance" else jnp.ones((m,))
+      b = xp.asarray(b, xp.float32)
       keep = None
       prepared[name] = (g, n, m, scores, keep)
-    if float(jnp.sum(b)) <= 0 or float(jnp.sum(a)) <= 0:
+    if not traced and (np.sum(b) <= 0 or np.sum(a) <= 0):
       raise ValueError(f"group {name!r}: importance masses sum to zero")
-    problems[name] = (_transport.pairwise_distance(x, y, p=float(p)), a, b / jnp.sum(b))
+    problems[name] = (_transport.pairwise_distance(x, y, p=float(p)), a, b / xp.sum(b))
 
   names = list(problems)
   if solver == "exact":
@@ -179,7 +194,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
                                        max_iterations=max_iterations)
   out = {}
   for name, t in zip(names, solved):
-    if not bool(t.converged) or not bool(jnp.all(jnp.isfinite(t.matrix))):
+    if not traced and (not bool(t.converged) or not np.all(np.isfinite(np.asarray(t.matrix)))):
       msg = (f"group {name!r}: {solver} OT did not converge (marginal error {float(t.marginal_error):.2e} after "
              f"{int(t.iterations)} iterations)")
       if fallback == "raise" or solver == "exact":
@@ -197,12 +212,14 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
 
 def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Array]:
   """(n, m) plan -> (producer_map, consumer_map), each (m, n). See the module docstring."""
-  row = jnp.sum(t, axis=1)  # source masses as the plan has them
-  consumer = (t / jnp.where(row > 0, row, 1.0)[:, None]).T
+  xp = array_module(t)
+  one = xp.asarray(1.0, t.dtype)
+  row = xp.sum(t, axis=1)  # source masses as the plan has them
+  consumer = (t / xp.where(row > 0, row, one)[:, None]).T
   if normalization == "paper":
     return consumer, consumer
-  col = jnp.sum(t, axis=0)
-  return (t / jnp.where(col > 0, col, 1.0)[None, :]).T, consumer
+  col = xp.sum(t, axis=0)
+  return (t / xp.where(col > 0, col, one)[None, :]).T, consumer
 
 
 def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, include_bias: bool) -> jax.Array:
@@ -210,7 +227,7 @@ def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, in
   rows = [_importance.member_rows(flat, m, n) for m in _importance.weight_members(flat, group)]
   if include_bias:
     rows += [_importance.member_rows(flat, m, n) for m in _bias_members(flat, spec, group)]
-  return jnp.concatenate(rows, axis=1)
+  return array_module(*rows).concatenate(rows, axis=1)
 
 
 def _bias_members(flat, spec: Spec, group: Group) -> list[Member]:
@@ -242,14 +259,20 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: boo
   computes the reduced model's function (unless a parameter-free op mixes
   channels, e.g. a LayerNorm over them), and one compiled model can evaluate
   many plans.
+
+  Concrete inputs are edited in NumPy on the host (no compilation); the result holds jax arrays.
   """
-  flat = flatten(fold_batchnorm(variables, spec))
+  traced = is_traced((variables, plan))
+  if not traced:
+    variables, plan = on_host((variables, plan))
+  flat = folded_flat(variables, spec)
 
   def roles(g: Group):
     out = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
     return out + [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
 
-  return unflatten(edit_members(flat, spec, plan, roles, keep_shapes))
+  out = unflatten(edit_members(flat, spec, plan, roles, keep_shapes))
+  return out if traced else to_jax(out)
 
 
 def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_shapes: bool = False) -> dict:
@@ -264,8 +287,9 @@ def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_sh
       view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
       edits.setdefault(view, []).append((m.offset, gp.importance.shape[0], role, gp))
   out = dict(flat)
-  for view, segs in edits.items():
-    out[view.path] = _edit_axis(out[view.path], view, sorted(segs, key=lambda s: s[0]), keep_shapes)  # an array may have 2 axes edited
+  # an array may have 2 axes edited: in (path, axis) order, so the rounding does not depend on the plan's order
+  for view in sorted(edits, key=lambda v: (v.path, v.axis)):
+    out[view.path] = _edit_axis(out[view.path], view, sorted(edits[view], key=lambda s: s[0]), keep_shapes)
   return out
 
 
@@ -273,6 +297,7 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
   """Replaces segments [offset, offset + n) of the neuron (sub-)axis by their m reduced entries
   (followed by n - m zeros if ``keep_shapes``)."""
   x = view.neurons_first(arr)
+  xp = array_module(x)
   pieces, pos = [], 0
   for offset, n, role, gp in segs:
     pieces.append(x[pos:offset])
@@ -284,13 +309,16 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
       pieces.append(seg[gp.keep])
     else:
       mat = gp.producer_map if role == "producer" else gp.consumer_map
-      fused = jnp.tensordot(mat, seg.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+      if xp is np:
+        fused = np.tensordot(np.asarray(mat, np.float32), seg.astype(np.float32), axes=1)
+      else:
+        fused = jnp.tensordot(mat, seg.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
       pieces.append(fused.astype(arr.dtype))
     if keep_shapes:
-      pieces.append(jnp.zeros((n - m, *x.shape[1:]), x.dtype))
+      pieces.append(xp.zeros((n - m, *x.shape[1:]), x.dtype))
     pos = offset + n
   pieces.append(x[pos:])
-  return view.restore(jnp.concatenate(pieces, axis=0))
+  return view.restore(xp.concatenate(pieces, axis=0))
 
 
 def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
@@ -335,7 +363,7 @@ def _checked(variables: Variables, spec: Spec) -> Variables:
     dtype = arr.dtype if hasattr(arr, "dtype") else np.result_type(arr)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"{path!r} has dtype {dtype}; Intra-Fusion needs floating-point parameters")
-    if not bool(jnp.all(jnp.isfinite(jnp.asarray(arr, jnp.float32)))):
+    if not isinstance(arr, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(arr, np.float32))):
       raise ValueError(f"{path!r} contains NaN or Inf")
   return variables
 

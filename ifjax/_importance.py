@@ -18,20 +18,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._spec import Group, Member, Variables, flatten
+from ifjax._spec import Group, Member, Variables, array_module, flatten
 
 Importance = Callable[[Variables, Group], jax.Array]
 
 
 def member_rows(flat: Mapping[str, Any], m: Member, n: int) -> jax.Array:
-  """The n neurons of member ``m`` as rows: (n, d) float32, neuron axis moved first."""
-  arr = m.neurons_first(jnp.asarray(flat[m.path], jnp.float32))[m.offset:m.offset + n]
+  """The n neurons of member ``m`` as rows: (n, d) float32, neuron axis moved first (NumPy for NumPy input)."""
+  xp = array_module(flat[m.path])
+  arr = m.neurons_first(xp.asarray(flat[m.path], xp.float32))[m.offset:m.offset + n]
   return arr.reshape(n, -1)
 
 
 def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member]:
-  """Members with a weight matrix (ndim >= 2): producer kernels and consumer kernels."""
-  return [m for m in group.members if np.ndim(flat[m.path]) >= 2]
+  """Members with a weight matrix (ndim >= 2): producer kernels and consumer kernels, sorted by (path, axis,
+  offset), so that scores and costs, rounding included, do not depend on the order a spec lists them in."""
+  return sorted((m for m in group.members if np.ndim(flat[m.path]) >= 2), key=lambda m: (m.path, m.axis, m.offset))
 
 
 def group_size(flat: Mapping[str, Any], group: Group) -> int:
@@ -44,10 +46,12 @@ def group_size(flat: Mapping[str, Any], group: Group) -> int:
 
 def _reduce(flat, group, per_member: Callable[[jax.Array, Member], jax.Array]) -> jax.Array:
   n = group_size(flat, group)
-  scores = jnp.stack([per_member(member_rows(flat, m, n), m) for m in weight_members(flat, group)])
-  s = jnp.mean(scores, axis=0)
-  mean = jnp.mean(s)
-  return s / jnp.where(mean > 0, mean, 1.0)
+  rows = [member_rows(flat, m, n) for m in weight_members(flat, group)]
+  xp = array_module(*rows)
+  scores = xp.stack([per_member(r, m) for r, m in zip(rows, weight_members(flat, group))])
+  s = xp.mean(scores, axis=0)
+  mean = xp.mean(s)
+  return s / xp.where(mean > 0, mean, xp.float32(1.0))
 
 
 def magnitude(p: float) -> Importance:
@@ -55,8 +59,10 @@ def magnitude(p: float) -> Importance:
 
   def fn(variables: Variables, group: Group) -> jax.Array:
     if np.isinf(p):
-      return _reduce(flatten(variables), group, lambda r, _: jnp.max(jnp.abs(r), axis=1))
-    return _reduce(flatten(variables), group, lambda r, _: jnp.sum(jnp.abs(r) ** p, axis=1))
+      return _reduce(flatten(variables), group, lambda r, _: array_module(r).max(abs(r), axis=1))
+    if p == 1:
+      return _reduce(flatten(variables), group, lambda r, _: array_module(r).sum(abs(r), axis=1))
+    return _reduce(flatten(variables), group, lambda r, _: array_module(r).sum(abs(r) ** p, axis=1))
 
   return fn
 
@@ -64,9 +70,14 @@ def magnitude(p: float) -> Importance:
 def lamp(variables: Variables, group: Group) -> jax.Array:
   """LAMP (Lee et al. 2021) on squared L2 channel norms: ``s_i / sum_{j: s_j >= s_i} s_j``."""
   s = magnitude(2)(variables, group)
-  order = jnp.argsort(-s, stable=True)
+  xp = array_module(s)
+  order = xp.argsort(-s, stable=True)
   ranked = s[order]
-  lamp_sorted = ranked / jnp.maximum(jnp.cumsum(ranked), jnp.finfo(jnp.float32).tiny)
+  lamp_sorted = ranked / xp.maximum(xp.cumsum(ranked), xp.finfo(xp.float32).tiny)
+  if xp is np:
+    out = np.zeros_like(s)
+    out[order] = lamp_sorted
+    return out
   return jnp.zeros_like(s).at[order].set(lamp_sorted)
 
 

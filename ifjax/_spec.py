@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,11 +38,12 @@ class Member(NamedTuple):
 
   def neurons_first(self, arr):
     """``arr`` -> (N, ...) with this member's neuron axis first (N = all entries of that axis)."""
-    return jnp.moveaxis(jnp.asarray(arr), self.axis, 0)
+    xp = array_module(arr)
+    return xp.moveaxis(xp.asarray(arr), self.axis, 0)
 
   def restore(self, x):
     """Inverse of :meth:`neurons_first` for an array whose neuron axis has a new length."""
-    return jnp.moveaxis(x, 0, self.axis)
+    return array_module(x).moveaxis(x, 0, self.axis)
 
 
 class FlatMember(NamedTuple):
@@ -58,13 +60,15 @@ class FlatMember(NamedTuple):
   inner: int = 1
 
   def neurons_first(self, arr):
-    x = jnp.moveaxis(jnp.asarray(arr), self.axis, 0)
+    xp = array_module(arr)
+    x = xp.moveaxis(xp.asarray(arr), self.axis, 0)
     x = x.reshape(self.outer, x.shape[0] // (self.outer * self.inner), self.inner, *x.shape[1:])
-    return jnp.moveaxis(x, 1, 0)
+    return xp.moveaxis(x, 1, 0)
 
   def restore(self, x):
-    x = jnp.moveaxis(x, 0, 1)
-    return jnp.moveaxis(x.reshape(self.outer * x.shape[1] * self.inner, *x.shape[3:]), 0, self.axis)
+    xp = array_module(x)
+    x = xp.moveaxis(x, 0, 1)
+    return xp.moveaxis(x.reshape(self.outer * x.shape[1] * self.inner, *x.shape[3:]), 0, self.axis)
 
 
 class BatchNormPair(NamedTuple):
@@ -274,14 +278,52 @@ def _lookup(flat: Mapping[str, Any], path: str, where: str):
 
 
 # -- pytree helpers ------------------------------------------------------------
+def array_module(*arrays):
+  """``numpy`` when every argument is a NumPy array (the host path: no XLA compilation for small per-group
+  work), else ``jax.numpy`` (jax arrays, tracers inside ``jit``)."""
+  return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
+def is_traced(tree) -> bool:
+  """Whether a leaf is a tracer: the caller runs under ``jit``/``vmap``/``grad`` and must stay in
+  ``jax.numpy``, without host syncs."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def on_host(tree):
+  """Every array leaf as a NumPy array (no copy for CPU jax arrays); other leaves as they are."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
+
+
+def to_jax(tree):
+  """Every NumPy leaf as a jax array: ``device_put``, a transfer (``jnp.asarray`` would compile per shape)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  idx = [i for i, x in enumerate(leaves) if isinstance(x, np.ndarray)]
+  for i, x in zip(idx, jax.device_put([leaves[i] for i in idx])):  # one batched transfer
+    leaves[i] = x
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class _Nested(dict):
+  """A nested dict made by ``unflatten(flat, keep_flat=True)``: ``flatten`` returns that flat dict."""
+
+  flat: dict
+
+
+jax.tree_util.register_pytree_node(  # a pytree like a dict (keys sorted); rebuilt as a plain dict
+    _Nested, lambda d: ([d[k] for k in sorted(d)], sorted(d)), lambda keys, values: dict(zip(keys, values)))
+
+
 def flatten(variables: Variables) -> dict[str, Any]:
   """Nested dict -> ``{"a/b/c": leaf}`` (insertion order)."""
+  if type(variables) is _Nested:
+    return variables.flat
   out = {}
 
   def rec(d, prefix):
     for k, v in d.items():
       p = f"{prefix}/{k}" if prefix else str(k)
-      if isinstance(v, Mapping):
+      if type(v) is dict or (not hasattr(v, "shape") and isinstance(v, Mapping)):  # skip the ABC check for arrays
         rec(v, p)
       else:
         out[p] = v
@@ -290,15 +332,18 @@ def flatten(variables: Variables) -> dict[str, Any]:
   return out
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """``{"a/b/c": leaf}`` -> nested plain dicts."""
-  out: dict[str, Any] = {}
+def unflatten(flat: Mapping[str, Any], keep_flat: bool = False) -> dict[str, Any]:
+  """``{"a/b/c": leaf}`` -> nested plain dicts. ``keep_flat``: the result remembers ``flat`` and
+  ``flatten`` returns it (for internal read-only use: later edits of either are not seen)."""
+  out: dict[str, Any] = _Nested() if keep_flat else {}
   for p, v in flat.items():
     d = out
     *head, last = p.split("/")
     for k in head:
       d = d.setdefault(k, {})
     d[last] = v
+  if keep_flat:
+    out.flat = dict(flat)
   return out
 
 

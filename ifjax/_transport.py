@@ -14,8 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Elements of one (chunk, m, d) difference block for the p-norm cost; bounds memory.
-_COST_BLOCK_ELEMENTS = 1 << 24
+from ifjax._spec import array_module
+
+# n * m * d at or below which the cost is computed with NumPy on the host (no XLA compilation); above it,
+# one compiled tiled kernel per shape.
+_HOST_COST_ELEMENTS = 1 << 22
+# Tiles of the compiled p-norm cost: rows of x per step, features per inner step.
+_TILE_ROWS, _TILE_FEATURES = 64, 256
 
 
 class Transport(NamedTuple):
@@ -35,44 +40,84 @@ class Transport(NamedTuple):
 
 
 def normalize_rows(x: jax.Array) -> jax.Array:
-  """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN)."""
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.where(norm > 0, norm, 1.0)
+  """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN). NumPy in, NumPy out."""
+  xp = array_module(x)
+  norm = xp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / xp.where(norm > 0, norm, xp.asarray(1.0, x.dtype))
+
+
+def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
+  """(n, d), (m, d) -> (n, m) p-norm distances ``||x_i - y_j||_p`` (``torch.cdist``), float32.
+
+  Evaluated from differences, so identical rows are exactly 0 apart for every p, and never as an
+  (n, m, d) array: SciPy's ``cdist`` on the host for small NumPy inputs (n * m * d <= 2^22, no
+  compilation), else one jit-compiled kernel over (64 rows x 256 features) tiles (jit-able).
+  """
+  if array_module(x, y) is np:
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    if x.shape[0] * y.shape[0] * x.shape[1] <= _HOST_COST_ELEMENTS:
+      return _pairwise_host(x, y, float(p))
+    return np.asarray(_pairwise_tiled(x, y, p=float(p)))
+  return _pairwise_tiled(x, y, p=float(p))
+
+
+def _pnorm_reduce(diff, p: float, xp):
+  """|differences| (..., d) -> the p-th power sums (or the max for p = inf) over the last axis."""
+  if math.isinf(p):
+    return xp.max(diff, axis=-1)
+  return xp.sum(diff if p == 1 else diff**p, axis=-1)
+
+
+def _pnorm_root(acc, p: float):
+  return acc if p == 1 or math.isinf(p) else acc ** (1.0 / p)
+
+
+def _pairwise_host(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
+  """SciPy's ``cdist`` (a C loop in float64, then rounded to float32)."""
+  from scipy.spatial.distance import cdist
+
+  metric = {1.0: ("cityblock", {}), 2.0: ("euclidean", {}), math.inf: ("chebyshev", {})}.get(p, ("minkowski", {"p": p}))
+  return cdist(x, y, metric[0], **metric[1]).astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("p",))
-def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
-  """(n, d), (m, d) -> (n, m) p-norm distances ``||x_i - y_j||_p`` (``torch.cdist``).
-
-  Evaluated from differences (so identical rows are exactly 0 apart, for every p)
-  in row chunks so that no (n, m, d) array is materialised.
-  """
+def _pairwise_tiled(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-  chunk = max(1, _COST_BLOCK_ELEMENTS // max(1, y.shape[0] * y.shape[1]))
+  n, d = x.shape
+  m = y.shape[0]
+  rows, feats = min(_TILE_ROWS, n), min(_TILE_FEATURES, d)
+  x = jnp.pad(x, ((0, -n % rows), (0, -d % feats)))  # zero features add |0 - 0| = 0
+  y = jnp.pad(y, ((0, 0), (0, -d % feats)))
+  xs = x.reshape(-1, rows, x.shape[1] // feats, feats)  # (row tiles, rows, feature tiles, feats)
+  ys = y.reshape(m, -1, feats).transpose(1, 0, 2)  # (feature tiles, m, feats)
+  combine = jnp.maximum if math.isinf(p) else jnp.add
 
-  def row(xi):
-    diff = jnp.abs(xi[None, :] - y)
-    if math.isinf(p):
-      return jnp.max(diff, axis=-1)
-    return jnp.sum(diff**p, axis=-1) ** (1.0 / p)
+  def row_tile(xb):
+    def step(acc, k):
+      return combine(acc, _pnorm_reduce(jnp.abs(xb[:, k, None, :] - ys[k][None]), p, jnp)), None
 
-  return jax.lax.map(row, x, batch_size=min(chunk, x.shape[0]))
+    acc, _ = jax.lax.scan(step, jnp.zeros((rows, m), jnp.float32), jnp.arange(ys.shape[0]))
+    return acc
+
+  return _pnorm_root(jax.lax.map(row_tile, xs).reshape(-1, m)[:n], p)
 
 
 def _marginal_error(t, a, b):
-  return jnp.maximum(jnp.max(jnp.abs(t.sum(1) - a)), jnp.max(jnp.abs(t.sum(0) - b)))
+  xp = array_module(t, a, b)
+  return xp.maximum(xp.max(xp.abs(t.sum(1) - a)), xp.max(xp.abs(t.sum(0) - b)))
 
 
 def solve_exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> Transport:
-  """Exact EMD (POT's network simplex, ``ot.emd``), the authors' solver, in float64 on the host."""
+  """Exact EMD (POT's network simplex, ``ot.emd``), the authors' solver, in float64 on the host.
+
+  Returns NumPy arrays (the plan as float32)."""
   import ot  # POT; imported lazily, it is only needed for the exact solver.
 
   cost, a, b = (np.asarray(v, np.float64) for v in (cost, a, b))
   a, b = a / a.sum(), b / b.sum()
   t, log = ot.emd(a, b, cost, numItermax=max(100_000, 50 * cost.size), log=True)
   ok = log["result_code"] == 1
-  return Transport(jnp.asarray(t, jnp.float32), jnp.asarray(ok), jnp.asarray(_marginal_error(t, a, b), jnp.float32),
-                   jnp.asarray(0))
+  return Transport(t.astype(np.float32), np.asarray(ok), np.float32(_marginal_error(t, a, b)), np.asarray(0))
 
 
 @functools.partial(jax.jit, static_argnames=("threshold", "max_iterations"))
@@ -107,16 +152,19 @@ def solve_sinkhorn(problems: Sequence[tuple[jax.Array, jax.Array, jax.Array]], *
     n, m = c.shape
     buckets.setdefault((_bucket(n), _bucket(m)), []).append(i)
   results: list[Transport | None] = [None] * len(problems)
+  xp = array_module(*(v for pr in problems for v in pr))  # NumPy problems: pad on the host, NumPy results
   for (bn, bm), idx in buckets.items():
     cs, as_, bs = [], [], []
     for i in idx:
       c, a, b = problems[i]
       n, m = c.shape
-      cs.append(jnp.pad(jnp.asarray(c, jnp.float32), ((0, bn - n), (0, bm - m))))
-      as_.append(jnp.pad(jnp.asarray(a, jnp.float32) / jnp.sum(a), (0, bn - n)))
-      bs.append(jnp.pad(jnp.asarray(b, jnp.float32) / jnp.sum(b), (0, bm - m)))
-    out = _sinkhorn_batch(jnp.stack(cs), jnp.stack(as_), jnp.stack(bs), jnp.float32(epsilon),
+      cs.append(xp.pad(xp.asarray(c, xp.float32), ((0, bn - n), (0, bm - m))))
+      as_.append(xp.pad(xp.asarray(a, xp.float32) / xp.sum(a), (0, bn - n)))
+      bs.append(xp.pad(xp.asarray(b, xp.float32) / xp.sum(b), (0, bm - m)))
+    out = _sinkhorn_batch(xp.stack(cs), xp.stack(as_), xp.stack(bs), np.float32(epsilon),
                           threshold=float(threshold), max_iterations=int(max_iterations))
+    if xp is np:
+      out = Transport(*(np.asarray(f) for f in out))
     for k, i in enumerate(idx):
       n, m = problems[i][0].shape
       t = out.matrix[k, :n, :m]

@@ -525,19 +525,26 @@ def test_apply_plan_jit_matches_eager(rng):
 def test_pairwise_distance_matches_naive_cdist(p, monkeypatch):
   rng = np.random.default_rng(3)
   x, y = rng.normal(size=(10, 7)).astype(np.float32), rng.normal(size=(5, 7)).astype(np.float32)
-  np.testing.assert_allclose(ifjax.pairwise_distance(x, y, p=p), _cdist(x, y, p), rtol=1e-5, atol=1e-5)
-  # force chunking: 3 rows per block (10 = 3 * 3 + 1, a remainder chunk)
+  host = ifjax.pairwise_distance(x, y, p=p)  # small NumPy input: the host path
+  assert isinstance(host, np.ndarray)
+  np.testing.assert_allclose(host, _cdist(x, y, p), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ifjax.pairwise_distance(jnp.asarray(x), jnp.asarray(y), p=p), _cdist(x, y, p),
+                             rtol=1e-5, atol=1e-5)
+  # the compiled kernel with tiles that do not divide the shapes: 3-row tiles (10 = 3 * 3 + 1) and
+  # 4-feature tiles (9 = 2 * 4 + 1), zero-padded
   x2, y2 = rng.normal(size=(10, 9)).astype(np.float32), rng.normal(size=(6, 9)).astype(np.float32)
-  monkeypatch.setattr(ifjax._transport, "_COST_BLOCK_ELEMENTS", 3 * 6 * 9)
-  ifjax.pairwise_distance.clear_cache()
+  monkeypatch.setattr(ifjax._transport, "_TILE_ROWS", 3)
+  monkeypatch.setattr(ifjax._transport, "_TILE_FEATURES", 4)
+  monkeypatch.setattr(ifjax._transport, "_HOST_COST_ELEMENTS", 0)  # NumPy input goes to the kernel too
+  ifjax._transport._pairwise_tiled.clear_cache()
   try:
-    if p != 2:  # p = 2 uses the matmul expansion, no blocks
-      jaxpr = str(jax.make_jaxpr(lambda a, b: ifjax.pairwise_distance(a, b, p=p))(x2, y2))
-      assert re.findall(r"length=(\d+)", jaxpr) == ["3"], jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda a, b: ifjax.pairwise_distance(a, b, p=p))(x2, y2))
+    assert sorted(re.findall(r"length=(\d+)", jaxpr)) == ["3", "4"], jaxpr  # 3 feature tiles in 4 row tiles
     np.testing.assert_allclose(ifjax.pairwise_distance(x2, y2, p=p), _cdist(x2, y2, p), rtol=1e-5, atol=1e-5)
+    assert ifjax.pairwise_distance(x2, x2[:4], p=p)[np.arange(4), np.arange(4)].max() == 0  # duplicates: exactly 0
   finally:
     monkeypatch.undo()
-    ifjax.pairwise_distance.clear_cache()
+    ifjax._transport._pairwise_tiled.clear_cache()
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, np.inf])
