@@ -1,0 +1,92 @@
+"""Compilation counts and the traced (jit) path of whole-network fusion.
+
+XLA compilations are counted with ``jax.monitoring``: the host path compiles nothing for small groups,
+a repeated call compiles nothing at all, and ``jax.jit(intra_fuse)`` works with the Sinkhorn solver.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ifjax
+
+_COMPILES = [0]
+
+
+def _count(event, duration, **kwargs):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count)
+
+
+def compiles(fn):
+  """(result, number of XLA compilations while running ``fn``)."""
+  before = _COMPILES[0]
+  out = jax.block_until_ready(fn())
+  return out, _COMPILES[0] - before
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+  module, spec = ifjax.models.get("resnet20")
+  return module, spec, jax.device_get(module.init(jax.random.key(0), jnp.ones((1, 32, 32, 3))))
+
+
+@pytest.fixture(scope="module")
+def vgg():
+  module, spec = ifjax.models.get("vgg11_bn")
+  return module, spec, jax.device_get(module.init(jax.random.key(0), jnp.ones((1, 32, 32, 3))))
+
+
+def test_exact_fusion_of_a_small_model_compiles_nothing(resnet20):
+  """Every ResNet20 group is small (n * m * d <= 2^22): importance, cost, EMD, maps and the edits all run
+  on the host, so even the first call, at a ratio never seen before, compiles no XLA program."""
+  _, spec, v = resnet20
+  for ratio in (0.37, 0.61):
+    out, n = compiles(lambda: ifjax.intra_fuse(v, spec, ratio))
+    assert n == 0
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(out))
+  pl, n = compiles(lambda: ifjax.plan(v, spec, 0.5, fuse=False))
+  assert n == 0 and isinstance(pl["stream1"].keep, np.ndarray)
+
+
+def test_repeated_calls_compile_nothing(vgg):
+  """VGG11-BN's large groups use the compiled cost kernel and Sinkhorn its bucketed programs: a repeated
+  call compiles nothing, and a new ratio on a small group (host cost, same Sinkhorn bucket) neither."""
+  _, spec, v = vgg
+  for solver in ("exact", "sinkhorn"):
+    ifjax.intra_fuse(v, spec, 0.5, solver=solver)
+    _, again = compiles(lambda: ifjax.intra_fuse(v, spec, 0.5, solver=solver))
+    assert again == 0, solver
+  _, n = compiles(lambda: ifjax.plan(v, spec, 0.55, solver="sinkhorn", groups=["conv0"]))  # 64 -> 28: bucket 32
+  assert n == 0
+
+
+def test_jit_intra_fuse_with_sinkhorn(vgg):
+  module, spec, v = vgg
+  fused = jax.jit(lambda v: ifjax.intra_fuse(v, spec, 0.5, solver="sinkhorn"))
+  a = fused(v)
+  b = ifjax.intra_fuse(v, spec, 0.5, solver="sinkhorn")
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
+  _, n = compiles(lambda: fused(v))
+  assert n == 0  # one program, cached
+  small, _ = ifjax.models.get("vgg11_bn", widths=ifjax.widths(a, spec))
+  assert small.apply(a, jnp.ones((2, 32, 32, 3))).shape == (2, 10)
+  with pytest.raises(ValueError, match="solver='exact' runs POT on the host"):
+    jax.jit(lambda v: ifjax.intra_fuse(v, spec, 0.5))(v)
+
+
+def test_host_and_traced_paths_agree_on_apply_plan(resnet20):
+  """apply_plan on NumPy (host) and under jit (XLA) gives the same arrays to float tolerance."""
+  _, spec, v = resnet20
+  pl = ifjax.plan(v, spec, 0.5)
+  host = ifjax.apply_plan(v, spec, pl)
+  traced = jax.jit(lambda v, pl: ifjax.apply_plan(v, spec, pl))(v, pl)
+  for x, y in zip(jax.tree.leaves(host), jax.tree.leaves(traced)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
