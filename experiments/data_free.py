@@ -182,7 +182,8 @@ def run(args) -> list[dict]:
     for imp, (label, group), s, meth in bar:
       if imp not in scores:
         scores[imp] = importance_scores(imp, module, variables, spec, args.model, args.calibration_images)
-      pl = ifjax.plan(variables, spec, s, groups=group, importance=scores[imp], **method_options(meth))
+      solver = {} if meth.startswith("default") else dict(solver=args.solver, epsilon=args.epsilon)
+      pl = ifjax.plan(variables, spec, s, groups=group, importance=scores[imp], **method_options(meth), **solver)
       if "bn" in meth.split("+")[1:]:
         acc = recalibrated_accuracy(module, variables, spec, pl, calibration_batches(args.model, args.calibration_images),
                                     x, y, args)
@@ -296,6 +297,8 @@ def main(argv=None):
   ap.add_argument("--limit", type=int, help="evaluate on a class-balanced subset of this many test images")
   ap.add_argument("--calibration-images", type=int, default=500, help="training images for taylor importance")
   ap.add_argument("--batch-size", type=int, default=500)
+  ap.add_argument("--solver", choices=["exact", "sinkhorn"], default="exact", help="OT solver of the if_ methods")
+  ap.add_argument("--epsilon", type=float, default=1e-3, help="Sinkhorn regularisation, relative to the largest cost")
   ap.add_argument("--fusion-device", choices=["default", "cpu"], default="default",
                   help="where plan/apply_plan run: 'cpu' keeps their many small eager ops off an accelerator, "
                        "whose per-shape compiles dominate there; evaluation stays on the default device")

@@ -7,6 +7,7 @@
 
 from ifjax import finetune, importance, models, split_data, train
 from ifjax._batchnorm import fold_batchnorm
+from ifjax._cache import enable_compilation_cache
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
 from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
@@ -37,6 +38,7 @@ __all__ = [
     "align_models",
     "apply_plan",
     "check_spec",
+    "enable_compilation_cache",
     "finetune",
     "fold_batchnorm",
     "fuse_models",

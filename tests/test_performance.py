@@ -90,3 +90,29 @@ def test_host_and_traced_paths_agree_on_apply_plan(resnet20):
   traced = jax.jit(lambda v, pl: ifjax.apply_plan(v, spec, pl))(v, pl)
   for x, y in zip(jax.tree.leaves(host), jax.tree.leaves(traced)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+_SECOND_PROCESS = """
+import sys, jax, jax.numpy as jnp, ifjax
+ifjax.enable_compilation_cache(sys.argv[1])
+events = []
+jax.monitoring.register_event_listener(lambda e, **k: events.append(e))
+jax.jit(lambda x: jnp.sin(x) * 2 + x.sum())(jnp.arange(7.0)).block_until_ready()
+print(events.count("/jax/compilation_cache/cache_misses"), events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_persistent_compilation_cache(tmp_path):
+  """A second process with the same cache directory reads the programs back instead of compiling them."""
+  import subprocess
+  import sys
+
+  def run():
+    out = subprocess.run([sys.executable, "-c", _SECOND_PROCESS, str(tmp_path / "xla")], capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    return int(out[-2]), int(out[-1])
+
+  misses, hits = run()
+  assert misses >= 1 and hits == 0  # the function (and jnp.arange's program) compiled and written
+  assert any((tmp_path / "xla").iterdir())
+  assert run() == (0, misses)  # all read back
