@@ -232,8 +232,8 @@ def report(meta: dict, colds: dict, warms: dict, scale: list[dict]) -> str:
     lines.append("")
   if colds:
     lines += ["**Cold** (a fresh process: the first call with imports excluded; in brackets, with the imports of "
-              "jax, ifjax, POT and SciPy; then a second call; XLA compilations; growth of peak RSS):", "",
-              "| model | contender | first call (s) | compiles | second call (s) | compiles | peak RSS growth (MB) | "
+              "jax, ifjax, POT and SciPy; then a second call; XLA compilations; peak RSS above the RSS before the call):", "",
+              "| model | contender | first call (s) | compiles | second call (s) | compiles | peak RSS above start (MB) | "
               "3 x params + largest plan (MB) |", "|---|---|---|---|---|---|---|---|"]
     for (name, who), c in colds.items():
       w = warms.get(name)
