@@ -7,6 +7,7 @@
 
 from ifjax import finetune, importance, models, split_data, train
 from ifjax._batchnorm import fold_batchnorm
+from ifjax._budget import flops, param_count
 from ifjax._cache import enable_compilation_cache
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
 from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
@@ -40,6 +41,7 @@ __all__ = [
     "check_spec",
     "enable_compilation_cache",
     "finetune",
+    "flops",
     "fold_batchnorm",
     "fuse_models",
     "importance",
@@ -50,6 +52,7 @@ __all__ = [
     "models",
     "nnx_apply",
     "pairwise_distance",
+    "param_count",
     "plan",
     "prune",
     "read_torch",
