@@ -7,10 +7,11 @@
 
 from ifjax import finetune, importance, models, split_data, train
 from ifjax._batchnorm import fold_batchnorm
-from ifjax._budget import flops, param_count
+from ifjax._budget import Allocation, allocate, flops, param_count
 from ifjax._cache import enable_compilation_cache
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
-from ifjax._fuse import ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, kept_count, plan, prune, transport_maps
+from ifjax._fuse import (ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, iterative_fuse, kept_count, plan, prune,
+                         transport_maps)
 from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
 from ifjax._repair import recalibrate_batchnorm
 from ifjax._save import restore, save
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Alignment",
+    "Allocation",
     "BatchNormPair",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -37,6 +39,7 @@ __all__ = [
     "Transport",
     "UnsupportedPrimitiveError",
     "align_models",
+    "allocate",
     "apply_plan",
     "check_spec",
     "enable_compilation_cache",
@@ -46,6 +49,7 @@ __all__ = [
     "fuse_models",
     "importance",
     "intra_fuse",
+    "iterative_fuse",
     "kept_count",
     "kmeans",
     "load_into",

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from ifjax import _importance, train
-from ifjax._fuse import _ratios, apply_plan, kept_count, plan
+from ifjax._fuse import _ratios, apply_plan, kept_count, plan, relative_ratios, step_widths  # noqa: F401 (public here)
 from ifjax._repair import recalibrate_batchnorm
 from ifjax._spec import Spec, widths as group_widths
 
@@ -51,24 +51,6 @@ def model_builder(model: Model) -> Callable[[Mapping[str, int]], tuple[Any, Spec
   if callable(model):
     return model
   raise ValueError(f"model must be a zoo name or a callable widths -> (module, spec), got {type(model).__name__}")
-
-
-def step_widths(sizes: Mapping[str, int], ratio: Mapping[str, float], steps: int) -> list[dict[str, int]]:
-  """Target widths after each of ``steps`` pruning steps: ``kept_count(n, r * i / steps)``.
-
-  >>> step_widths({"a": 64}, {"a": 0.5}, 4)
-  [{'a': 56}, {'a': 48}, {'a': 40}, {'a': 32}]
-  """
-  if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f"steps must be a positive int, got {steps!r}")
-  return [{g: kept_count(sizes[g], r * i / steps) if i < steps else kept_count(sizes[g], r) for g, r in ratio.items()}
-          for i in range(1, steps + 1)]
-
-
-def relative_ratios(current: Mapping[str, int], target: Mapping[str, int]) -> dict[str, float]:
-  """Ratios that take each group from ``current`` to ``target`` neurons under ``kept_count``'s rounding
-  (groups already at their target are left out)."""
-  return {g: 1.0 - (m + 0.5) / current[g] for g, m in target.items() if m < current[g]}
 
 
 def taylor(module, batches) -> Callable:
