@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from ifjax._fuse import apply_plan, kept_count, plan, relative_ratios
-from ifjax._spec import Spec, Variables, widths
+from ifjax._spec import Spec, Variables
 
 
 def param_count(variables: Mapping[str, Any]) -> int:
@@ -98,6 +98,7 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     raise ValueError("allocate: every selected group is protected; nothing to prune")
   full = plan(variables, spec, 0.0, groups=selected, importance=importance, fuse=False)
   sizes = {g: int(np.shape(p.importance)[0]) for g, p in full.items()}
+  dense_widths = spec.validate(variables)
   kwargs = dict(example_kwargs or {})
 
   def ratios_of(kept: Mapping[str, int]) -> dict[str, float]:
@@ -108,7 +109,7 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     shapes = jax.eval_shape(lambda v: apply_plan(v, spec, pl), variables)
     if target_params is not None:
       return float(param_count(shapes))
-    return flops(rebuild(widths(shapes, spec, pl)), shapes, *example_args, **kwargs)
+    return flops(rebuild({**dense_widths, **kept}), shapes, *example_args, **kwargs)
 
   dense = cost(sizes)
   target = float(target_params if target_params is not None else target_flops)
