@@ -86,3 +86,19 @@ def test_train_save_then_data_free_grid(tmp_path):
   with open(tmp_path / "grid" / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 1 + 2 * 2
+
+
+def test_budget_script_meets_the_flop_budget(tmp_path):
+  if not ifjax.models.checkpoint_path("resnet20").is_file():
+    pytest.skip("ResNet20 checkpoint not found; set IFJAX_DATA (see ../shared/data/README.md)")
+  try:
+    ifjax.data.cifar10_jpeg("test", limit=100)
+  except ifjax.data.DataMissingError as e:
+    pytest.skip(str(e))
+  _script("budget").main(["--model", "resnet20", "--flops", "0.6", "--allocations", "uniform-internal", "global",
+                          "--limit", "100", "--out", str(tmp_path)])
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  assert [r["allocation"] for r in rows] == ["dense"] + ["uniform-internal"] * 3 + ["global"] * 3
+  assert all(float(r["flops"]) <= 0.6 for r in rows[1:])
+  assert all(0 <= float(r["accuracy"]) <= 100 for r in rows)
+  assert "| global | if_paper |" in (tmp_path / "results.md").read_text()
