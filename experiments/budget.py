@@ -4,7 +4,7 @@
 
 For each allocation (``uniform-internal``: one ratio for the block-internal groups, streams untouched, the
 authors' setting; ``uniform``: one ratio for every group; ``global``: neurons of all groups ranked together
-by normalised l1 importance) the per-group ratios come from :func:`ifjax.allocate` at the budget, then
+by normalised l1 importance; ``global-internal``: the same over the internal groups only) the per-group ratios come from :func:`ifjax.allocate` at the budget, then
 default pruning and Intra-Fusion (paper and barycentric normalisation) are evaluated on the 10,000 JPEG
 test images (``--limit`` for fewer). Writes ``results.csv`` and ``results.md``.
 """
@@ -32,7 +32,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="resnet56", help="resnet20 or resnet56 (pretrained weights in IFJAX_DATA)")
   ap.add_argument("--flops", type=float, default=0.52, help="fraction of the dense FLOPs to keep at most")
-  ap.add_argument("--allocations", nargs="+", default=["uniform-internal", "uniform", "global"])
+  ap.add_argument("--allocations", nargs="+", default=["uniform-internal", "uniform", "global", "global-internal"],
+                  choices=["uniform-internal", "uniform", "global", "global-internal"])
   ap.add_argument("--limit", type=int, help="class-balanced subset of the test images")
   ap.add_argument("--out", type=pathlib.Path, required=True)
   args = ap.parse_args(argv)
@@ -55,8 +56,8 @@ def main(argv=None):
   for name in args.allocations:
     t = time.perf_counter()
     alloc = ifjax.allocate(variables, spec, target_flops=args.flops, rebuild=rebuild, example_args=(example,),
-                           example_kwargs=dict(train=False), method="global" if name == "global" else "uniform",
-                           protect=streams if name == "uniform-internal" else ())
+                           example_kwargs=dict(train=False), method=name.split("-")[0],
+                           protect=streams if name.endswith("-internal") else ())
     t_alloc = time.perf_counter() - t
     for meth, opts in METHODS.items():
       pl = ifjax.plan(variables, spec, alloc.ratios, **opts)
