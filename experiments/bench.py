@@ -76,12 +76,12 @@ def reference(folded_flat: dict, spec, groups) -> tuple[dict, dict]:
   from scipy.spatial.distance import cdist
 
   from ifjax._fuse import kept_count
+  from ifjax._importance import group_size
 
   maps, fused = {}, {}
   for g in spec.select(groups):
     members = [mb for mb in g.members if np.ndim(folded_flat[mb.path]) >= 2]
-    first = g.producers[0]
-    n = g.size or np.shape(folded_flat[first.path])[first.axis] // (getattr(first, "outer", 1) * getattr(first, "inner", 1))
+    n = group_size(folded_flat, g)
     rows = [np.asarray(mb.neurons_first(folded_flat[mb.path]), np.float32)[mb.offset:mb.offset + n].reshape(n, -1)
             for mb in members]
     imp = np.mean([np.abs(r).sum(1) for r in rows], axis=0)
@@ -119,7 +119,7 @@ def status(key):  # kB, from /proc/self/status (Linux)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 rss0 = status("VmRSS")
 if {who!r} == "reference":
-  folded = ifjax._spec.flatten(ifjax._spec.on_host(ifjax.fold_batchnorm(variables, spec)))
+  folded = ifjax._batchnorm.folded_flat(ifjax._spec.on_host(variables), spec)
   t1 = time.perf_counter(); bench.reference(folded, spec, groups); first = time.perf_counter() - t1
 else:
   t1 = time.perf_counter(); bench.fuse_ifjax(variables, spec, groups, {who!r}); first = time.perf_counter() - t1
@@ -149,10 +149,11 @@ def warm(name: str, repeats: int) -> dict:
   import numpy as np
 
   import ifjax
+  from ifjax._batchnorm import folded_flat
   from ifjax._spec import flatten, on_host
 
   variables, spec, groups = load(name)
-  folded = flatten(on_host(ifjax.fold_batchnorm(variables, spec)))
+  folded = folded_flat(on_host(variables), spec)
   contenders = {
       "exact": lambda: fuse_ifjax(variables, spec, groups, "exact"),
       "sinkhorn": lambda: fuse_ifjax(variables, spec, groups, "sinkhorn"),
@@ -181,6 +182,7 @@ def warm(name: str, repeats: int) -> dict:
 
 # -- one group, growing n -------------------------------------------------------------------------------
 def scaling(sizes: list[int], repeats: int, cap_s: float) -> list[dict]:
+  import jax
   import numpy as np
 
   import ifjax
@@ -201,9 +203,7 @@ def scaling(sizes: list[int], repeats: int, cap_s: float) -> list[dict]:
       ts = []
       for _ in range(repeats):
         t = time.perf_counter()
-        fuse = ifjax.intra_fuse(v, spec, RATIO, solver=solver)
-        import jax
-        jax.block_until_ready(fuse)
+        jax.block_until_ready(ifjax.intra_fuse(v, spec, RATIO, solver=solver))
         ts.append(time.perf_counter() - t)
       row[solver] = min(ts)
       if min(ts) > cap_s:

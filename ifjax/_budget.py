@@ -131,9 +131,9 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
       cut = pooled[min(len(pooled) - 1, int(t * len(pooled)))] if t > 0 else -np.inf
       return {g: max(1, int(np.sum(s > cut)) if t > 0 else len(s)) for g, s in scores.items()}
 
-  lo, hi = 0.0, 1.0  # cost(candidates(lo)) > target >= cost(candidates(hi)) once the search starts
-  if cost(candidates(0.0)) <= target:
-    lo = hi = 0.0
+  # candidates(0) is the dense network and candidates(1) one neuron per group:
+  # cost(candidates(lo)) > target >= cost(candidates(hi)) unless the dense network already fits
+  lo, hi = (0.0, 0.0) if dense <= target else (0.0, 1.0)
   for _ in range(30):
     if hi - lo < 1e-6:
       break
@@ -142,6 +142,6 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
       hi = mid
     else:
       lo = mid
-  kept = candidates(hi) if hi < 1.0 else {g: 1 for g in sizes}
+  kept = candidates(hi)
   reached = cost(kept)
   return Allocation(ratios_of(kept), kept, reached, dense, target)

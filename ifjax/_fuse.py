@@ -126,9 +126,10 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     raise ValueError("solver='exact' runs POT on the host and cannot be traced; inside jax.jit use "
                      "solver='sinkhorn'")
   xp = jnp if traced else np
-  flat = folded_flat(_checked(variables if traced else on_host(variables), spec), spec)
+  variables = variables if traced else on_host(variables)
+  sizes = _checked(variables, spec)
+  flat = folded_flat(variables, spec)
   folded = unflatten(flat, keep_flat=True)  # importance functions flatten it again: for free
-  sizes = spec.validate(folded)
   ratios = _ratios(spec, ratio, groups)
   score_fn = _importance.resolve(importance)
   if isinstance(importance, Mapping) and set(importance) - set(spec.names):
@@ -390,13 +391,14 @@ def _check_choice(what: str, value: str, options: tuple[str, ...]):
     raise ValueError(f"{what} must be one of {options}, got {value!r}")
 
 
-def _checked(variables: Variables, spec: Spec) -> Variables:
-  """Rejects integer or non-finite arrays among the spec's members and folded BNs."""
+def _checked(variables: Variables, spec: Spec) -> dict[str, int]:
+  """Rejects integer or non-finite arrays among the spec's members and folded BNs; returns
+  :meth:`Spec.validate`'s ``{group: neuron count}`` (folding keeps every shape)."""
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError("variables must be a Flax variables dict with a 'params' collection, "
                      f"got {type(variables).__name__}" + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else ""))
   flat = flatten(variables)
-  spec.validate(variables)
+  sizes = spec.validate(variables)
   paths = {m.path for g in spec.groups for m in g.members}
   for b in spec.batchnorms:
     paths |= {f"params/{b.layer}/kernel", f"batch_stats/{b.bn}/mean", f"batch_stats/{b.bn}/var"}
@@ -408,7 +410,7 @@ def _checked(variables: Variables, spec: Spec) -> Variables:
       raise TypeError(f"{path!r} has dtype {dtype}; Intra-Fusion needs floating-point parameters")
     if not isinstance(arr, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(arr, np.float32))):
       raise ValueError(f"{path!r} contains NaN or Inf")
-  return variables
+  return sizes
 
 
 def _ratios(spec: Spec, ratio: Ratio, groups: GroupSelection) -> list[tuple[Group, float]]:

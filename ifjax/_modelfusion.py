@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax import _transport
-from ifjax._batchnorm import fold_batchnorm
+from ifjax._batchnorm import folded_flat
 from ifjax._fuse import (ConvergenceWarning, GroupPlan, _bias_members, _check_choice, _checked, derived_bn,
                          edit_members)
 from ifjax._importance import member_rows
@@ -150,7 +150,7 @@ def align_models(variables_list: Sequence[Variables], spec: Spec, *,
   if mode == "activations" and (apply_fn is None or batches is None):
     raise ValueError("mode='activations' needs apply_fn= (e.g. module.apply) and batches= (input arrays)")
   sizes = spec.validate(variables_list[0])
-  folded = [flatten(fold_batchnorm(v, spec)) for v in variables_list]
+  folded = [folded_flat(v, spec) for v in variables_list]
   solve = functools.partial(_solve, solver=solver, epsilon=epsilon, threshold=threshold, max_iterations=max_iterations)
   if mode == "weights":
     order = _weight_order(folded[0], spec, sizes)

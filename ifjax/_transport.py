@@ -61,17 +61,6 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
   return _pairwise_tiled(x, y, p=float(p))
 
 
-def _pnorm_reduce(diff, p: float, xp):
-  """|differences| (..., d) -> the p-th power sums (or the max for p = inf) over the last axis."""
-  if math.isinf(p):
-    return xp.max(diff, axis=-1)
-  return xp.sum(diff if p == 1 else diff**p, axis=-1)
-
-
-def _pnorm_root(acc, p: float):
-  return acc if p == 1 or math.isinf(p) else acc ** (1.0 / p)
-
-
 def _pairwise_host(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
   """SciPy's ``cdist`` (a C loop in float64, then rounded to float32)."""
   from scipy.spatial.distance import cdist
@@ -90,16 +79,18 @@ def _pairwise_tiled(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
   y = jnp.pad(y, ((0, 0), (0, -d % feats)))
   xs = x.reshape(-1, rows, x.shape[1] // feats, feats)  # (row tiles, rows, feature tiles, feats)
   ys = y.reshape(m, -1, feats).transpose(1, 0, 2)  # (feature tiles, m, feats)
-  combine = jnp.maximum if math.isinf(p) else jnp.add
+  combine, reduce = (jnp.maximum, jnp.max) if math.isinf(p) else (jnp.add, jnp.sum)
 
   def row_tile(xb):
     def step(acc, k):
-      return combine(acc, _pnorm_reduce(jnp.abs(xb[:, k, None, :] - ys[k][None]), p, jnp)), None
+      diff = jnp.abs(xb[:, k, None, :] - ys[k][None])
+      return combine(acc, reduce(diff if p == 1 or math.isinf(p) else diff**p, axis=-1)), None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((rows, m), jnp.float32), jnp.arange(ys.shape[0]))
     return acc
 
-  return _pnorm_root(jax.lax.map(row_tile, xs).reshape(-1, m)[:n], p)
+  out = jax.lax.map(row_tile, xs).reshape(-1, m)[:n]
+  return out if p == 1 or math.isinf(p) else out ** (1.0 / p)
 
 
 def _marginal_error(t, a, b):
