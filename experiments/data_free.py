@@ -32,6 +32,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 import ifjax
@@ -107,7 +108,7 @@ def importance_scores(name: str, module, variables, spec, model: str, calib: int
   if name == "taylor":
     def loss_fn(v, batch):
       logits = module.apply(v, batch[0], train=False)
-      return -jax.numpy.mean(jax.nn.log_softmax(logits)[np.arange(len(batch[1])), batch[1]])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
     imp = ifjax.importance.taylor(loss_fn=loss_fn, batches=calibration_batches(model, calib))
   full = ifjax.plan(variables, spec, 0.0, importance=imp, fuse=False)
   return {g: p.importance for g, p in full.items()}

@@ -5,17 +5,18 @@
 358
 """
 
-from ifjax import finetune, importance, models, split_data, train
+from ifjax import analysis, finetune, importance, models, split_data, train
 from ifjax._batchnorm import fold_batchnorm
-from ifjax._budget import Allocation, allocate, flops, param_count
+from ifjax._budget import Allocation, allocate, bn_sensitivity, flops, param_count
 from ifjax._cache import enable_compilation_cache
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
-from ifjax._fuse import (ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, iterative_fuse, kept_count, plan, prune,
-                         transport_maps)
+from ifjax._fuse import (ConvergenceError, ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, iterative_fuse,
+                         kept_count, plan, prune, transport_maps)
 from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
-from ifjax._repair import recalibrate_batchnorm
+from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
+from ifjax._resize import ResizeError, resize, resize_nnx
 from ifjax._save import restore, save
-from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, widths
+from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, match_groups, widths
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
 
@@ -27,6 +28,7 @@ __all__ = [
     "BatchNormPair",
     "CheckpointError",
     "CheckpointMismatchError",
+    "ConvergenceError",
     "ConvergenceWarning",
     "FlatMember",
     "Group",
@@ -34,13 +36,16 @@ __all__ = [
     "GroupPlan",
     "Member",
     "Plan",
+    "ResizeError",
     "Spec",
     "SpecCheckError",
     "Transport",
     "UnsupportedPrimitiveError",
     "align_models",
     "allocate",
+    "analysis",
     "apply_plan",
+    "bn_sensitivity",
     "check_spec",
     "enable_compilation_cache",
     "finetune",
@@ -53,6 +58,7 @@ __all__ = [
     "kept_count",
     "kmeans",
     "load_into",
+    "match_groups",
     "models",
     "nnx_apply",
     "pairwise_distance",
@@ -61,6 +67,8 @@ __all__ = [
     "prune",
     "read_torch",
     "recalibrate_batchnorm",
+    "resize",
+    "resize_nnx",
     "restore",
     "save",
     "solve_exact",
@@ -70,5 +78,6 @@ __all__ = [
     "trace_spec",
     "train",
     "transport_maps",
+    "unfold_batchnorm",
     "widths",
 ]

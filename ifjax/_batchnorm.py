@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ifjax._spec import Spec, Variables, array_module, flatten, unflatten
+from ifjax._spec import Group, Member, Spec, Variables, array_module, flatten, unflatten
 
 
 def fold_batchnorm(variables: Variables, spec: Spec) -> dict:
@@ -86,4 +90,61 @@ def bn_paths(spec: Spec, layer: str) -> dict[str, str]:
       out[f"params/{pair.bn}/scale"] = "identity"
       out[f"batch_stats/{pair.bn}/mean"] = "identity"
       out[f"batch_stats/{pair.bn}/var"] = "identity"
+  return out
+
+
+def derived_bn(spec: Spec, group: Group) -> list[tuple[Member, str]]:
+  """The folded BN arrays of the group's producer layers, at the producers' offsets, with their role
+  (see :func:`bn_paths`)."""
+  out = []
+  for m in group.producers:
+    if m.path.startswith("params/") and m.path.endswith("/kernel"):
+      layer = m.path[len("params/"):-len("/kernel")]
+      out += [(Member(path, 0, m.offset), role) for path, role in bn_paths(spec, layer).items()]
+  return out
+
+
+def input_statistics(variables: Variables, spec: Spec) -> dict[str, np.ndarray]:
+  """Per BN pair of ``spec``, the mean and standard deviation of the BN's input channels in the *folded*
+  model, from the BN's running statistics: ``{".../mean": (C,) mean, ".../var": (C,) deviation}`` (the var
+  path holds a deviation, which maps linearly; square it to get a variance). BNs without both a scale and a
+  bias parameter are left out (they cannot be given statistics without changing the function).
+
+  Folded, BN input channel i is ``w_i = s_i * u_i + c_i`` (u: the original BN input, running mean m_i and
+  var v_i; s_i = gamma_i / sqrt(v_i + eps); c_i: what folding moved into the layer's bias), so
+  ``E[w_i] = s_i * m_i + c_i`` and ``sd(w_i) = |s_i| * sqrt(v_i)``.
+  """
+  flat, folded, out = flatten(variables), folded_flat(variables, spec), {}
+  for pair in spec.batchnorms:
+    mean, var = f"batch_stats/{pair.bn}/mean", f"batch_stats/{pair.bn}/var"
+    scale, bias = f"params/{pair.bn}/scale", f"params/{pair.bn}/bias"
+    if scale not in flat or bias not in flat:
+      continue
+    m, v, g = (np.asarray(flat[p], np.float64) for p in (mean, var, scale))
+    s = g / np.sqrt(v + pair.eps)
+    layer_bias = f"params/{pair.layer}/bias"
+    c = (np.asarray(folded[layer_bias], np.float64) - s * np.asarray(flat[layer_bias], np.float64)
+         if layer_bias in flat else 0.0)
+    out[mean] = (s * m + c).astype(np.float32)
+    out[var] = (np.abs(s) * np.sqrt(v)).astype(np.float32)
+  return out
+
+
+def with_statistics(flat: Mapping[str, Any], spec: Spec, statistics: Mapping[str, Any]) -> dict:
+  """A folded flat tree whose BNs (the pairs in ``statistics``, as :func:`input_statistics` returns them,
+  at this tree's widths) get running mean mu, var sd**2, scale sqrt(var + eps) and bias mu + (folded bias):
+  the same eval-mode function, ``(w - mu) / sqrt(var + eps) * sqrt(var + eps) + mu + bias = w + bias``, and a
+  training-mode BN (batch statistics) that starts near it when the statistics are right."""
+  out = dict(flat)
+  for pair in spec.batchnorms:
+    mean, var = f"batch_stats/{pair.bn}/mean", f"batch_stats/{pair.bn}/var"
+    if mean not in statistics:
+      continue
+    scale, bias = f"params/{pair.bn}/scale", f"params/{pair.bn}/bias"
+    mu = np.asarray(statistics[mean], np.float32)
+    variance = np.square(np.asarray(statistics[var], np.float32))
+    values = {mean: mu, var: variance, scale: np.sqrt(variance + np.float32(pair.eps)),
+              bias: mu + np.asarray(out[bias], np.float32)}
+    for path, value in values.items():
+      out[path] = np.broadcast_to(value, np.shape(out[path])).astype(np.asarray(out[path]).dtype)
   return out

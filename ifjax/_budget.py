@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from scipy.special import ndtr
 
 from ifjax._fuse import apply_plan, kept_count, plan, relative_ratios
-from ifjax._spec import Spec, Variables
+from ifjax._importance import group_size, member_rows
+from ifjax._spec import Spec, Variables, _module_path, flatten, unflatten
 
 
 def param_count(variables: Mapping[str, Any]) -> int:
@@ -45,6 +47,100 @@ def flops(apply_fn: Callable[..., Any], variables: Any, *args, **kwargs) -> floa
   return float(analysis["flops"])
 
 
+def _relu_second_moment(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """``E[relu(X)^2]`` for ``X ~ N(mean, std^2)``, elementwise: ``(mean^2 + std^2) Phi(z) + mean std phi(z)``,
+  ``z = mean / std`` (``relu(mean)^2`` where ``std == 0``)."""
+  std = np.maximum(std, 1e-12)
+  z = mean / std
+  return (mean**2 + std**2) * ndtr(z) + mean * std * np.exp(-0.5 * z**2) / np.sqrt(2 * np.pi)
+
+
+def bn_sensitivity(variables: Variables, spec: Spec, groups: Any = None) -> dict[str, np.ndarray]:
+  """Data-free sensitivity of every neuron: the expected squared change of the next layers' normalised outputs
+  when the neuron is removed, from the BatchNorm statistics alone. ``{group name: (n,) float64}``.
+
+  A BN normalises its input with the running mean / variance of the training data, so its output for
+  channel j has mean ``beta_j`` and standard deviation ``|gamma_j|`` on that data. Taking it Gaussian, the
+  activation ``a_j = relu(N(beta_j, gamma_j^2))`` has the closed-form second moment ``E[a_j^2]``. Removing the
+  neuron drops ``a_j`` from every consumer; consumer output o changes by ``W[o, j] * a_j`` before its BN and by
+  ``g_o W[o, j] a_j`` after it (``g_o = gamma_o / sqrt(var_o + eps)``), so, with the activations taken
+  uncorrelated, the expected squared change summed over the consumers' outputs (and kernel taps) is
+
+      s_j = E[a_j^2] * sum_consumers sum_o g_o^2 ||W[o, j]||^2.
+
+  Everything is in units of the consumers' normalised (unit-variance) outputs, so scores compare across
+  groups and layers. A neuron written by several producers (a residual stream: the stem and every block's
+  last conv) gets the sum of their independent contributions, mean ``sum beta`` and variance
+  ``sum gamma^2``. A producer without a BN counts ``||w_j||^2 + b_j^2`` (unit-variance inputs); a consumer
+  without a BN counts ``g_o = 1``; a group without weight consumers gets gain 1.
+  """
+  flat = flatten(variables)
+  bn_of = {b.layer: b for b in spec.batchnorms}
+
+  def affine(layer: str, n_all: int):
+    b = bn_of.get(layer)
+    if b is None:
+      return None
+    gamma = np.asarray(flat.get(f"params/{b.bn}/scale", np.ones(n_all)), np.float64)
+    beta = np.asarray(flat.get(f"params/{b.bn}/bias", np.zeros(n_all)), np.float64)
+    var = np.asarray(flat[f"batch_stats/{b.bn}/var"], np.float64)
+    return gamma, beta, gamma / np.sqrt(var + b.eps)
+
+  out = {}
+  for g in spec.select(groups):
+    n = group_size(flat, g)
+    mean, var = np.zeros(n), np.zeros(n)
+    for m in g.producers:
+      arr = flat[m.path]
+      if np.ndim(arr) < 2:
+        continue
+      layer = _module_path(m.path).rsplit("/", 1)[0]
+      bn = affine(layer, np.shape(arr)[-1]) if m.axis == np.ndim(arr) - 1 else None
+      if bn is not None:
+        mean += bn[1][m.offset:m.offset + n]
+        var += bn[0][m.offset:m.offset + n] ** 2
+      else:
+        var += np.sum(np.asarray(member_rows(flat, m, n), np.float64) ** 2, axis=1)
+        bias = flat.get(m.path.rsplit("/", 1)[0] + "/bias")
+        if bias is not None:
+          mean += np.asarray(bias, np.float64)[m.offset:m.offset + n]
+    gain = np.zeros(n)
+    for m in g.consumers:
+      arr = flat[m.path]
+      if np.ndim(arr) < 2:
+        continue
+      rows = np.asarray(member_rows(flat, m, n), np.float64) ** 2  # (n, d), output channels innermost
+      bn = affine(_module_path(m.path).rsplit("/", 1)[0], np.shape(arr)[-1])
+      if m.axis == np.ndim(arr) - 1:  # the neuron is the consumer's output channel (a depthwise conv)
+        scale = bn[2][m.offset:m.offset + n] ** 2 if bn is not None else np.ones(n)
+        gain += rows.sum(axis=1) * scale
+      else:
+        scale = bn[2] ** 2 if bn is not None else np.ones(np.shape(arr)[-1])
+        gain += (rows.reshape(n, -1, np.shape(arr)[-1]) * scale).sum(axis=(1, 2))
+    if not gain.any():
+      gain = np.ones(n)
+    out[g.name] = _relu_second_moment(mean, np.sqrt(var)) * gain
+  return out
+
+
+def resized_shapes(shapes: Any, spec: Spec, removed: Mapping[str, int]) -> Any:
+  """The ``jax.ShapeDtypeStruct`` tree of ``apply_plan``'s output when group g loses ``removed[g]`` neurons:
+  every member axis of g shrinks by that many neurons (times ``outer * inner`` on a flattened axis), and a
+  BatchNorm's arrays follow its layer's output axis. ``shapes``: the dense tree (e.g. ``jax.eval_shape``
+  of a plan that keeps everything), so no weights are touched."""
+  flat = dict(flatten(shapes))
+  dims = {p: list(s.shape) for p, s in flat.items()}
+  for g in spec.groups:
+    for m in g.members if removed.get(g.name) else ():
+      dims[m.path][m.axis] -= removed[g.name] * m.outer * m.inner
+  for b in spec.batchnorms:
+    out = dims[f"params/{b.layer}/kernel"][-1]
+    for p in (f"params/{b.bn}/scale", f"params/{b.bn}/bias", f"batch_stats/{b.bn}/mean", f"batch_stats/{b.bn}/var"):
+      if p in dims:
+        dims[p][-1] = out
+  return unflatten({p: jax.ShapeDtypeStruct(tuple(dims[p]), s.dtype) for p, s in flat.items()})
+
+
 class Allocation(NamedTuple):
   """A per-group sparsity that meets a budget.
 
@@ -78,18 +174,27 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     method: ``"uniform"``, one ratio for every selected group (the largest-kept one that meets the budget);
       ``"global"``, the neurons of all selected groups ranked together by importance (each group's scores
       divided by their mean, as the built-in importances are), the least important removed first
-      (Torch-Pruning's global pruning).
+      (Torch-Pruning's global pruning); ``"sensitivity"``, data-free: each neuron's :func:`bn_sensitivity`
+      (the expected squared change of the next layers' normalised outputs if it is removed, from the BN
+      statistics) divided by what one neuron of its group costs (the budgeted quantity; FLOPs from XLA), and
+      the neurons with the smallest sensitivity per unit of cost removed first. Removing neuron j of group g
+      then costs ``s_j`` and saves ``c_g``; with the neurons taken independent, the total sensitivity is
+      additive, and cutting every neuron with ``s_j < lambda * c_g`` (``lambda`` the smallest that meets the
+      budget) is the Lagrangian solution of "least total sensitivity at this cost". Unlike ``"global"`` it
+      compares groups in one unit (normalised output energy, not importance divided by the group's mean) and
+      prefers cutting where a neuron is expensive (early, high-resolution layers). The per-neuron cost depends
+      on the neighbours' widths, so it is measured twice: at the dense widths, then at the first allocation.
     protect: groups (names or paper indices) that keep every neuron.
     groups: the groups that may be pruned (default all); ``protect`` is taken out of them.
 
   Every group keeps at least one neuron. The budget is met to within one neuron per group: the next step,
-  one more neuron in every group (uniform) or the last neuron removed (global), would exceed it. A budget
+  one more neuron in every group (uniform) or the last neuron removed (global, sensitivity), would exceed it. A budget
   below what the network costs with one neuron per group raises ``ValueError`` with that minimum.
   """
   if (target_params is None) == (target_flops is None):
     raise ValueError("allocate needs exactly one of target_params= or target_flops=")
-  if method not in ("uniform", "global"):
-    raise ValueError(f"method must be 'uniform' or 'global', got {method!r}")
+  if method not in ("uniform", "global", "sensitivity"):
+    raise ValueError(f"method must be 'uniform', 'global' or 'sensitivity', got {method!r}")
   if target_flops is not None and rebuild is None:
     raise ValueError("target_flops needs rebuild=widths -> apply_fn and the example inputs of one call")
   protected = {spec[p].name for p in protect}
@@ -104,12 +209,16 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   def ratios_of(kept: Mapping[str, int]) -> dict[str, float]:
     return {**{g: 0.0 for g in kept}, **relative_ratios(sizes, kept)}
 
+  dense_shapes = jax.eval_shape(lambda v: apply_plan(v, spec, full), variables)
+  memo: dict[tuple, float] = {}
+
   def cost(kept: Mapping[str, int]) -> float:
-    pl = plan(variables, spec, ratios_of(kept), importance={g: full[g].importance for g in kept}, fuse=False)
-    shapes = jax.eval_shape(lambda v: apply_plan(v, spec, pl), variables)
-    if target_params is not None:
-      return float(param_count(shapes))
-    return flops(rebuild({**dense_widths, **kept}), shapes, *example_args, **kwargs)
+    key = tuple(sorted(kept.items()))
+    if key not in memo:
+      shapes = resized_shapes(dense_shapes, spec, {g: sizes[g] - k for g, k in kept.items()})
+      memo[key] = float(param_count(shapes)) if target_params is not None else \
+          flops(rebuild({**dense_widths, **kept}), shapes, *example_args, **kwargs)
+    return memo[key]
 
   dense = cost(sizes)
   target = float(target_params if target_params is not None else target_flops)
@@ -120,28 +229,40 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     raise ValueError(f"the budget {target:.6g} is below what the network costs with one neuron per selected group "
                      f"({smallest:.6g}; dense {dense:.6g}): protect fewer groups, select more, or raise the target")
 
-  if method == "uniform":
-    candidates = lambda t: {g: max(1, kept_count(n, t)) for g, n in sizes.items()}  # t = the common ratio
-  else:
-    scores = {g: np.asarray(full[g].importance, np.float64) / max(float(np.mean(full[g].importance)), 1e-30)
-              for g in sizes}
-    pooled = np.sort(np.concatenate(list(scores.values())))
+  def pooled(scores: Mapping[str, np.ndarray]):
+    ranked = np.sort(np.concatenate(list(scores.values())))
 
-    def candidates(t):  # t in [0, 1): the fraction of all pooled neurons removed, least important first
-      cut = pooled[min(len(pooled) - 1, int(t * len(pooled)))] if t > 0 else -np.inf
+    def candidates(t):  # t in [0, 1): the fraction of all pooled neurons removed, lowest scores first
+      cut = ranked[min(len(ranked) - 1, int(t * len(ranked)))] if t > 0 else -np.inf
       return {g: max(1, int(np.sum(s > cut)) if t > 0 else len(s)) for g, s in scores.items()}
+    return candidates
 
-  # candidates(0) is the dense network and candidates(1) one neuron per group:
-  # cost(candidates(lo)) > target >= cost(candidates(hi)) unless the dense network already fits
-  lo, hi = (0.0, 0.0) if dense <= target else (0.0, 1.0)
-  for _ in range(30):
-    if hi - lo < 1e-6:
-      break
-    mid = (lo + hi) / 2
-    if cost(candidates(mid)) <= target:
-      hi = mid
-    else:
-      lo = mid
-  kept = candidates(hi)
+  def search(candidates):
+    # candidates(0) is the dense network and candidates(1) one neuron per group:
+    # cost(candidates(lo)) > target >= cost(candidates(hi)) unless the dense network already fits
+    lo, hi = (0.0, 0.0) if dense <= target else (0.0, 1.0)
+    for _ in range(30):
+      if hi - lo < 1e-6:
+        break
+      mid = (lo + hi) / 2
+      if cost(candidates(mid)) <= target:
+        hi = mid
+      else:
+        lo = mid
+    return candidates(hi)
+
+  if method == "uniform":
+    kept = search(lambda t: {g: max(1, kept_count(n, t)) for g, n in sizes.items()})  # t = the common ratio
+  elif method == "global":
+    kept = search(pooled({g: np.asarray(full[g].importance, np.float64) / max(float(np.mean(full[g].importance)), 1e-30)
+                          for g in sizes}))
+  else:
+    sens = bn_sensitivity(variables, spec, list(sizes))
+    kept = dict(sizes)
+    for _ in range(2):  # the cost of one neuron of g, at the current widths (costs are linear in each width)
+      at = cost(kept)
+      unit = {g: 1.0 if n == 1 else abs(at - cost({**kept, g: kept[g] - 1})) if kept[g] > 1
+              else abs(cost({**kept, g: 2}) - at) for g, n in sizes.items()}
+      kept = search(pooled({g: sens[g] / max(unit[g], 1e-30) for g in sizes}))
   reached = cost(kept)
   return Allocation(ratios_of(kept), kept, reached, dense, target)

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax import _importance, _transport
-from ifjax._batchnorm import bn_paths, folded_flat
-from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, on_host, to_jax,
-                         unflatten)
+from ifjax._batchnorm import derived_bn, folded_flat
+from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, member_rows,
+                         on_host, to_jax, unflatten, weight_members)
 
 
 class GroupPlan(NamedTuple):
@@ -57,6 +57,16 @@ class GroupPlan(NamedTuple):
   marginal_error: jax.Array
   iterations: jax.Array
 
+  @property
+  def n(self) -> int:
+    """The group's neuron count before the plan (static, also under ``jit``)."""
+    return int(np.shape(self.importance)[0])
+
+  @property
+  def m(self) -> int:
+    """The neuron count after the plan: kept neurons or fused targets (static, also under ``jit``)."""
+    return int(np.shape(self.keep if self.keep is not None else self.producer_map)[0])
+
 
 Plan = dict[str, GroupPlan]
 Ratio = float | Mapping[str | int, float]
@@ -67,8 +77,19 @@ class ConvergenceWarning(UserWarning):
   """Sinkhorn did not reach its threshold; see ``fallback=`` of :func:`plan`."""
 
 
+class ConvergenceError(RuntimeError):
+  """An OT solver did not converge: Sinkhorn with ``fallback="raise"``, or the exact LP failed."""
+
+
 def kept_count(n: int, ratio: float) -> int:
-  """m = floor(n * (1 - ratio)), computed as the authors' code does (``int(n * (1 - s))``)."""
+  """m = ``int(n * (1 - ratio))`` in float64, as the authors' code computes it.
+
+  That is floor(n * (1 - ratio)) except where float rounding puts an exact integer just below itself:
+  ``1 - 0.9`` is 0.09999999999999998, so 20 neurons at ratio 0.9 keep 1, not 2.
+
+  >>> kept_count(20, 0.9), kept_count(20, 0.85)
+  (1, 3)
+  """
   return int(n * (1 - ratio))
 
 
@@ -93,23 +114,26 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     groups: names or paper indices (0 = closest to the output); None = all.
     importance: "l1" | "l2" | "linf" | "lamp" | "random", a callable
       ``fn(folded_variables, group) -> (n,)``, or precomputed ``{group: (n,) scores}``.
-    fuse: False gives plain pruning (keep the m most important, drop the rest).
+    fuse: False gives plain pruning (keep the m most important, drop the rest). Pruning-only groups
+      (``Group.exact`` False, e.g. channels under a LayerNorm) are always pruned this way.
     solver: "exact" (POT EMD, the authors' solver) or "sinkhorn" (OTT-JAX).
     target: "most_important" (the kept neurons) or "cluster_centroid" (k-means
       centroids of the neuron vectors; the fused weights are still OT-weighted
       combinations of the original neurons).
-    source_mass, target_mass: "uniform" or "importance" (scores / their sum; for
+    source_mass: "uniform" or "importance" (scores / their sum; for
       centroids, the summed importance of each cluster's members).
+    target_mass: "uniform" or "importance", as ``source_mass``.
     normalization: "paper" (sums on both sides) or "barycentric" (averaged
       producers, summed consumers); see the module docstring.
-    p: the cost is the p-norm distance between L2-normalised neuron vectors.
+    p: the cost is the p-norm distance between L2-normalised neuron vectors (0 < p <= inf).
     include_bias: also put producer biases (and folded BN shifts) in the neuron
       vectors, as the paper's text says; the authors' code leaves them out.
-    epsilon, threshold, max_iterations: Sinkhorn settings; ``epsilon`` is relative
-      to the largest cost of each group.
+    epsilon: Sinkhorn regularisation (> 0), relative to the largest cost of each group.
+    threshold: Sinkhorn convergence threshold.
+    max_iterations: Sinkhorn iteration limit.
     fallback: when Sinkhorn does not converge: "exact" re-solves that group with
       the exact solver and warns; "warn" keeps the unconverged plan and warns;
-      "raise" raises ``RuntimeError``.
+      "raise" raises :class:`ConvergenceError` (a ``RuntimeError``).
     seed: seed for the k-means of ``cluster_centroid``.
 
   Returns:
@@ -120,6 +144,21 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
   ratio and options static) everything is ``jax.numpy`` and ``solver="sinkhorn"`` is required; the
   checks that need concrete values and the Sinkhorn ``fallback`` are then skipped (read ``converged``
   and ``marginal_error`` off the plan).
+
+  Examples:
+    Four neurons; the two weakest (0, 1) are near-duplicates of the two strongest (2, 3). At 50% each kept
+    neuron takes one pruned neuron whole, so the paper's maps hold 0s and 1s:
+
+    >>> import numpy as np, ifjax
+    >>> variables = {"params": {"hidden": {"kernel": np.array([[1., 0., 3., 0.], [0., 1., 0., 3.]], np.float32)},
+    ...                         "out": {"kernel": np.ones((4, 1), np.float32)}}}
+    >>> spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+    >>> pl = ifjax.plan(variables, spec, 0.5)
+    >>> pl["hidden"].keep
+    array([2, 3], dtype=int32)
+    >>> pl["hidden"].producer_map
+    array([[1., 0., 1., 0.],
+           [0., 1., 0., 1.]], dtype=float32)
   """
   traced = is_traced(variables)
   if traced and solver == "exact":
@@ -131,16 +170,18 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
   flat = folded_flat(variables, spec)
   folded = unflatten(flat, keep_flat=True)  # importance functions flatten it again: for free
   ratios = _ratios(spec, ratio, groups)
+  if isinstance(importance, Mapping):
+    importance = _by_name(spec, importance, "importance")
   score_fn = _importance.resolve(importance)
-  if isinstance(importance, Mapping) and set(importance) - set(spec.names):
-    raise ValueError(f"precomputed importance has scores for unknown groups {sorted(set(importance) - set(spec.names))}; "
-                     f"groups are {spec.names}")
   _check_choice("target", target, ("most_important", "cluster_centroid"))
   _check_choice("source_mass", source_mass, ("uniform", "importance"))
   _check_choice("target_mass", target_mass, ("uniform", "importance"))
   _check_choice("normalization", normalization, ("paper", "barycentric"))
   _check_choice("solver", solver, ("exact", "sinkhorn"))
   _check_choice("fallback", fallback, ("exact", "warn", "raise"))
+  p = _transport.check_p(p)
+  if solver == "sinkhorn":
+    _transport.check_sinkhorn(epsilon, threshold, max_iterations)
   if not fuse and target != "most_important":
     raise ValueError("plain pruning (fuse=False) keeps neurons; target must be 'most_important'")
 
@@ -149,8 +190,8 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     n = sizes[g.name]
     m = kept_count(n, r)
     if m < 1:
-      raise ValueError(f"group {g.name!r}: ratio {r} keeps floor({n} * (1 - {r})) = {m} of {n} neurons; "
-                       "at least one must remain")
+      raise ValueError(f"group {g.name!r}: ratio {r} keeps int({n} * (1 - {r})) = {m} of {n} neurons "
+                       "(float arithmetic, as kept_count); at least one must remain")
     scores = xp.asarray(score_fn(folded, dataclasses.replace(g, size=n)), xp.float32)
     if scores.shape != (n,):
       raise ValueError(f"importance for group {g.name!r} has shape {scores.shape}, expected ({n},)")
@@ -159,12 +200,15 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     keep = xp.sort(xp.argsort(-scores, stable=True)[:m]).astype(xp.int32)
     prepared[g.name] = (g, n, m, scores, keep)
 
+  pruned = {name: GroupPlan(keep, scores, None, None, None, xp.asarray(True), xp.asarray(0.0, xp.float32),
+                            xp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items() if not fuse or not g.exact}
   if not fuse:
-    return {name: GroupPlan(keep, scores, None, None, None, xp.asarray(True), xp.asarray(0.0, xp.float32),
-                            xp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items()}
+    return pruned
 
   problems = {}
   for name, (g, n, m, scores, keep) in prepared.items():
+    if name in pruned:  # a pruning-only group (Group.exact False)
+      continue
     x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
     uses_scores = source_mass == "importance" or target_mass == "importance"
     if uses_scores and not traced and np.any(scores < 0):
@@ -185,10 +229,10 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
       prepared[name] = (g, n, m, scores, keep)
     if not traced and (np.sum(b) <= 0 or np.sum(a) <= 0):
       raise ValueError(f"group {name!r}: importance masses sum to zero")
-    problems[name] = (_transport.pairwise_distance(x, y, p=float(p)), a, b / xp.sum(b))
+    problems[name] = (_transport.pairwise_distance(x, y, p=p), a, b / xp.sum(b))
 
   names = list(problems)
-  if solver == "exact":
+  if solver == "exact" or not names:
     solved = [_transport.solve_exact(*problems[k]) for k in names]
   else:
     solved = _transport.solve_sinkhorn([problems[k] for k in names], epsilon=epsilon, threshold=threshold,
@@ -199,7 +243,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
       msg = (f"group {name!r}: {solver} OT did not converge (marginal error {float(t.marginal_error):.2e} after "
              f"{int(t.iterations)} iterations)")
       if fallback == "raise" or solver == "exact":
-        raise RuntimeError(msg)
+        raise ConvergenceError(msg)
       if fallback == "exact":
         warnings.warn(msg + "; falling back to the exact solver for this group", ConvergenceWarning, stacklevel=2)
         t = _transport.solve_exact(*problems[name])
@@ -208,7 +252,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     g, n, m, scores, keep = prepared[name]
     out[name] = GroupPlan(keep, scores, t.matrix, *transport_maps(t.matrix, normalization), t.converged,
                           t.marginal_error, t.iterations)
-  return out
+  return {name: out[name] if name in out else pruned[name] for name in prepared}
 
 
 def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Array]:
@@ -225,26 +269,15 @@ def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Arr
 
 def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, include_bias: bool) -> jax.Array:
   """(n, d): per neuron, its producer rows and consumer columns concatenated (the OT features)."""
-  rows = [_importance.member_rows(flat, m, n) for m in _importance.weight_members(flat, group)]
+  rows = [member_rows(flat, m, n) for m in weight_members(flat, group)]
   if include_bias:
-    rows += [_importance.member_rows(flat, m, n) for m in _bias_members(flat, spec, group)]
+    rows += [member_rows(flat, m, n) for m in _bias_members(flat, spec, group)]
   return array_module(*rows).concatenate(rows, axis=1)
 
 
 def _bias_members(flat, spec: Spec, group: Group) -> list[Member]:
   out = [m for m in group.producers if np.ndim(flat[m.path]) == 1]
   return out + [m for m, role in derived_bn(spec, group) if role == "shift" and m.path in flat]
-
-
-def derived_bn(spec: Spec, group: Group) -> list[tuple[Member, str]]:
-  """The folded BN arrays of the group's producer layers, at the producers' offsets, with their role
-  (see :func:`bn_paths`)."""
-  out = []
-  for m in group.producers:
-    if m.path.startswith("params/") and m.path.endswith("/kernel"):
-      layer = m.path[len("params/"):-len("/kernel")]
-      out += [(Member(path, 0, m.offset), role) for path, role in bn_paths(spec, layer).items()]
-  return out
 
 
 def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: bool = False) -> dict:
@@ -261,8 +294,28 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: boo
   channels, e.g. a LayerNorm over them), and one compiled model can evaluate
   many plans.
 
-  Concrete inputs are edited in NumPy on the host (no compilation); the result holds jax arrays.
+  Concrete inputs are edited in NumPy on the host (no compilation); the result holds jax arrays. A plan that
+  does not fit the variables (made for other variables or another spec) raises ValueError naming the group.
+
+  Examples:
+    The plan of :func:`plan`'s example: neuron 0 is summed into 2 and neuron 1 into 3, on both sides.
+
+    >>> import numpy as np, ifjax
+    >>> variables = {"params": {"hidden": {"kernel": np.array([[1., 0., 3., 0.], [0., 1., 0., 3.]], np.float32)},
+    ...                         "out": {"kernel": np.ones((4, 1), np.float32)}}}
+    >>> spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+    >>> pl = ifjax.plan(variables, spec, 0.5)
+    >>> small = ifjax.apply_plan(variables, spec, pl)
+    >>> small["params"]["hidden"]["kernel"]
+    Array([[4., 0.],
+           [0., 4.]], dtype=float32)
+    >>> small["params"]["out"]["kernel"].ravel()
+    Array([2., 2.], dtype=float32)
+    >>> ifjax.apply_plan(variables, spec, pl, keep_shapes=True)["params"]["hidden"]["kernel"]
+    Array([[4., 0., 0., 0.],
+           [0., 4., 0., 0.]], dtype=float32)
   """
+  _check_plan(variables, spec, plan)
   traced = is_traced((variables, plan))
   if not traced:
     variables, plan = on_host((variables, plan))
@@ -286,7 +339,7 @@ def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_sh
       raise ValueError(f"plan has group {name!r}, which the spec does not have ({list(by_name)})")
     for m, role in roles(by_name[name]):
       view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
-      edits.setdefault(view, []).append((m.offset, gp.importance.shape[0], role, gp))
+      edits.setdefault(view, []).append((m.offset, gp.n, role, gp))
   out = dict(flat)
   # an array may have 2 axes edited: in (path, axis) order, so the rounding does not depend on the plan's order
   for view in sorted(edits, key=lambda v: (v.path, v.axis)):
@@ -303,7 +356,7 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
   for offset, n, role, gp in segs:
     pieces.append(x[pos:offset])
     seg = x[offset:offset + n]
-    m = (gp.keep if gp.keep is not None else gp.producer_map).shape[0]
+    m = gp.m
     if role == "identity":  # constant after BN folding
       pieces.append(seg[gp.keep] if gp.keep is not None else seg[:m])
     elif gp.producer_map is None:
@@ -373,6 +426,20 @@ def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupS
 
   Equal to ``apply_plan(variables, spec, plan(variables, spec, ratio, ...))``; see
   :func:`plan` for the arguments. Returns new, smaller variables with the BNs folded.
+
+  Examples:
+    The paper's normalization sums the fused neurons, ``"barycentric"`` averages the producers:
+
+    >>> import numpy as np, ifjax
+    >>> variables = {"params": {"hidden": {"kernel": np.array([[1., 0., 3., 0.], [0., 1., 0., 3.]], np.float32)},
+    ...                         "out": {"kernel": np.ones((4, 1), np.float32)}}}
+    >>> spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+    >>> ifjax.intra_fuse(variables, spec, 0.5)["params"]["hidden"]["kernel"]
+    Array([[4., 0.],
+           [0., 4.]], dtype=float32)
+    >>> ifjax.intra_fuse(variables, spec, 0.5, normalization="barycentric")["params"]["hidden"]["kernel"]
+    Array([[2., 0.],
+           [0., 2.]], dtype=float32)
   """
   pl = plan(variables, spec, ratio, groups=groups, importance=importance, solver=solver, target=target,
             source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p, **options)
@@ -381,7 +448,22 @@ def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupS
 
 def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
           importance: Any = "l1") -> dict:
-  """Default structured pruning (the paper's baseline): keep the m most important neurons of each group."""
+  """Default structured pruning (the paper's baseline): keep the m most important neurons of each group.
+
+  Examples:
+    The two strongest neurons (2, 3; l1 importance) are kept, the others dropped:
+
+    >>> import numpy as np, ifjax
+    >>> variables = {"params": {"hidden": {"kernel": np.array([[1., 0., 3., 0.], [0., 1., 0., 3.]], np.float32)},
+    ...                         "out": {"kernel": np.ones((4, 1), np.float32)}}}
+    >>> spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+    >>> small = ifjax.prune(variables, spec, 0.5)
+    >>> small["params"]["hidden"]["kernel"]
+    Array([[3., 0.],
+           [0., 3.]], dtype=float32)
+    >>> ifjax.widths(small, spec)
+    {'hidden': 2}
+  """
   return apply_plan(variables, spec, plan(variables, spec, ratio, groups=groups, importance=importance, fuse=False))
 
 
@@ -413,15 +495,60 @@ def _checked(variables: Variables, spec: Spec) -> dict[str, int]:
   return sizes
 
 
+def _by_name(spec: Spec, mapping: Mapping[str | int, Any], what: str) -> dict[str, Any]:
+  """``{group name or paper index: value}`` -> ``{group name: value}``; ValueError for an unknown group or one
+  given twice (by name and by index)."""
+  out, keys = {}, {}
+  for k, v in mapping.items():
+    try:
+      name = spec[k].name
+    except ValueError as e:
+      raise ValueError(f"{what}={{...}}: {e}") from None
+    if name in out:
+      raise ValueError(f"{what}={{...}} gives group {name!r} twice (keys {keys[name]!r} and {k!r})")
+    out[name], keys[name] = v, k
+  return out
+
+
+def _check_plan(variables: Variables, spec: Spec, plan: Plan) -> None:
+  """ValueError naming the group unless every ``GroupPlan`` fits its group of n neurons in ``variables``:
+  importance (n,), keep (m,) integer indices in [0, n), maps (m, n), 1 <= m <= n. Shapes are static under
+  ``jit``; the index range is checked for concrete plans only."""
+  if not isinstance(plan, Mapping):
+    raise ValueError(f"plan must be a dict {{group name: GroupPlan}} (of ifjax.plan), got {type(plan).__name__}")
+  sizes = spec.validate(variables)
+  for name, gp in plan.items():
+    if name not in sizes:
+      raise ValueError(f"plan has group {name!r}, which the spec does not have ({spec.names})")
+    if not isinstance(gp, GroupPlan):
+      raise ValueError(f"plan[{name!r}] must be a GroupPlan, got {type(gp).__name__}")
+    n = sizes[name]
+    where = f"plan[{name!r}] does not fit group {name!r}, which has {n} neurons in these variables"
+    if np.shape(gp.importance) != (n,):
+      raise ValueError(f"{where}: its importance has shape {np.shape(gp.importance)}, expected ({n},); was the plan "
+                       "made for other variables or another spec?")
+    if (gp.producer_map is None) != (gp.consumer_map is None) or (gp.keep is None and gp.producer_map is None):
+      raise ValueError(f"{where}: it needs keep (pruning), producer_map and consumer_map (fusion), or all three")
+    if gp.keep is not None and (np.ndim(gp.keep) != 1 or not jnp.issubdtype(gp.keep.dtype, jnp.integer)):
+      raise ValueError(f"{where}: keep must be a 1-d integer array, got shape {np.shape(gp.keep)} "
+                       f"dtype {gp.keep.dtype}")
+    m = np.shape(gp.keep)[0] if gp.keep is not None else np.shape(gp.producer_map)[0]
+    if not 1 <= m <= n:
+      raise ValueError(f"{where}: it keeps {m} neurons, expected 1 to {n}")
+    for field in ("producer_map", "consumer_map"):
+      if getattr(gp, field) is not None and np.shape(getattr(gp, field)) != (m, n):
+        raise ValueError(f"{where}: {field} has shape {np.shape(getattr(gp, field))}, expected ({m}, {n}) "
+                         f"(m = {m} kept of n = {n})")
+    if gp.keep is not None and not is_traced(gp.keep):
+      lo, hi = int(np.min(gp.keep)), int(np.max(gp.keep))
+      if lo < 0 or hi >= n:
+        raise ValueError(f"{where}: keep has indices in [{lo}, {hi}], outside [0, {n})")
+
+
 def _ratios(spec: Spec, ratio: Ratio, groups: GroupSelection) -> list[tuple[Group, float]]:
   selected = spec.select(groups)
   if isinstance(ratio, Mapping):
-    per = {}
-    for k, v in ratio.items():
-      try:
-        per[spec[k].name] = v
-      except ValueError as e:
-        raise ValueError(f"ratio={{...}}: {e}") from None
+    per = _by_name(spec, ratio, "ratio")
     pairs = [(g, per[g.name]) for g in selected if g.name in per]
   else:
     pairs = [(g, ratio) for g in selected]

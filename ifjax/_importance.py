@@ -18,22 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._spec import Group, Member, Variables, array_module, flatten
+from ifjax._spec import Group, Member, Variables, array_module, flatten, member_rows, weight_members
 
 Importance = Callable[[Variables, Group], jax.Array]
-
-
-def member_rows(flat: Mapping[str, Any], m: Member, n: int) -> jax.Array:
-  """The n neurons of member ``m`` as rows: (n, d) float32, neuron axis moved first (NumPy for NumPy input)."""
-  xp = array_module(flat[m.path])
-  arr = m.neurons_first(xp.asarray(flat[m.path], xp.float32))[m.offset:m.offset + n]
-  return arr.reshape(n, -1)
-
-
-def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member]:
-  """Members with a weight matrix (ndim >= 2): producer kernels and consumer kernels, sorted by (path, axis,
-  offset), so that scores and costs, rounding included, do not depend on the order a spec lists them in."""
-  return sorted((m for m in group.members if np.ndim(flat[m.path]) >= 2), key=lambda m: (m.path, m.axis, m.offset))
 
 
 def group_size(flat: Mapping[str, Any], group: Group) -> int:

@@ -27,11 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax import _transport
-from ifjax._batchnorm import folded_flat
-from ifjax._fuse import (ConvergenceWarning, GroupPlan, _bias_members, _check_choice, _checked, derived_bn,
-                         edit_members)
-from ifjax._importance import member_rows
-from ifjax._spec import Group, Member, Spec, Variables, flatten, unflatten
+from ifjax._batchnorm import derived_bn, folded_flat, input_statistics, with_statistics
+from ifjax._fuse import ConvergenceWarning, GroupPlan, _bias_members, _check_choice, _checked, edit_members
+from ifjax._spec import Group, Member, Spec, Variables, flatten, member_rows, on_host, to_jax, unflatten
 
 
 class GroupAlignment(NamedTuple):
@@ -75,15 +73,22 @@ class Alignment(NamedTuple):
 def fuse_models(variables_list: Sequence[Variables], spec: Spec, *,
                 mode: Literal["weights", "activations"] = "weights", apply_fn: Callable[..., Any] | None = None,
                 batches: Any = None, solver: Literal["exact", "sinkhorn"] = "exact",
-                weights: Sequence[float] | None = None, **options) -> dict:
+                weights: Sequence[float] | None = None, unfold_bn: bool = False, **options) -> dict:
   """OTFusion: aligns every model to model 0 (:func:`align_models`), then averages them.
 
   Args:
     variables_list: k >= 2 Flax variables of the same architecture (same tree, same shapes); not modified.
     spec: the group spec, valid for all of them.
-    mode, apply_fn, batches, solver, options: see :func:`align_models`.
+    mode: see :func:`align_models`.
+    apply_fn: see :func:`align_models`.
+    batches: see :func:`align_models`.
+    solver: see :func:`align_models`.
+    **options: the other keyword arguments of :func:`align_models`.
     weights: k non-negative numbers summing to 1 (default uniform): the weighted average of the aligned
       models' arrays, every collection (``batch_stats`` too), each in model 0's dtype.
+    unfold_bn: with BN folding (the default), give the fused model's folded BNs estimated statistics, the
+      weighted average of each aligned model's BN input statistics (:func:`ifjax.unfold_batchnorm` explains
+      them): the same function in eval mode, and a training-mode BN that starts near it, for fine-tuning.
 
   Returns:
     New variables with the shapes of the inputs.
@@ -100,6 +105,12 @@ def fuse_models(variables_list: Sequence[Variables], spec: Spec, *,
       continue
     total = sum(wi * np.asarray(f[path], np.float64) for wi, f in zip(w, flats))
     out[path] = jnp.asarray(total, jnp.result_type(a0))
+  if unfold_bn and options.get("fold_bn", True):
+    groups = {g.name: g for g in spec.groups}
+    stats = [_apply_maps(input_statistics(v, spec), spec, [(groups[n], a.map) for n, a in m.items()], bn_only=True)
+             for v, m in zip(variables_list, aligned.maps)]
+    mean = {p: sum(wi * np.asarray(st[p], np.float64) for wi, st in zip(w, stats)) for p in stats[0]}
+    out = to_jax(with_statistics(on_host(out), spec, mean))
   return unflatten(out)
 
 
@@ -142,7 +153,9 @@ def align_models(variables_list: Sequence[Variables], spec: Spec, *,
       of test accuracy); after a BN-statistics reset the two were within 3 points, neither ahead.
       Permuted copies fuse back exactly either way.
     apply_kwargs: extra keyword arguments for ``apply_fn`` (e.g. ``{"train": False}``).
-    epsilon, threshold, max_iterations: Sinkhorn settings.
+    epsilon: Sinkhorn regularisation, relative to the largest cost.
+    threshold: Sinkhorn convergence threshold.
+    max_iterations: Sinkhorn iteration limit.
   """
   flats = _check_models(variables_list, spec)
   _check_choice("mode", mode, ("weights", "activations"))
@@ -275,15 +288,17 @@ def _solve(names: Sequence[str], costs: list[jax.Array], *, solver, epsilon, thr
   return out
 
 
-def _apply_maps(flat: Mapping[str, Any], spec: Spec, group_maps: Iterable[tuple[Group, jax.Array]]) -> dict:
-  """``flat`` with every member of each group (and the BN arrays of its producer layers) mapped: the group's
-  n entries along the member axis become ``map @ entries``. The segment-edit loop of :func:`ifjax.apply_plan`
-  (``edit_members``), with (n, n) maps on both sides."""
+def _apply_maps(flat: Mapping[str, Any], spec: Spec, group_maps: Iterable[tuple[Group, jax.Array]],
+                bn_only: bool = False) -> dict:
+  """``flat`` with every member of each group (and the BN arrays of its producer layers; only those with
+  ``bn_only``) mapped: the group's n entries along the member axis become ``map @ entries``. The segment-edit
+  loop of :func:`ifjax.apply_plan` (``edit_members``), with (n, n) maps on both sides."""
   plan = {g.name: GroupPlan(None, jnp.zeros(mat.shape[0]), None, mat, mat, jnp.asarray(True), jnp.asarray(0.0),
                             jnp.asarray(0)) for g, mat in group_maps}
 
   def roles(g: Group):
-    return [(m, "producer") for m in (*g.members, *(m for m, _ in derived_bn(spec, g) if m.path in flat))]
+    return [(m, "producer") for m in (*(() if bn_only else g.members),
+                                      *(m for m, _ in derived_bn(spec, g) if m.path in flat))]
 
   return edit_members(flat, spec, plan, roles)
 

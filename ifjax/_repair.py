@@ -1,7 +1,9 @@
-"""Data-light repair after pruning or fusion: re-estimating BatchNorm statistics.
+"""BatchNorms after pruning: statistics for fine-tuning (data-free) and re-estimation (data-light).
 
-Not part of Intra-Fusion, which is data-free. Kept separate so that results
-with and without data are never mixed up.
+:func:`unfold_batchnorm` gives the folded BNs of a pruned model estimated statistics without changing its
+function, so that training mode (batch statistics) starts close to evaluation mode. :func:`recalibrate_batchnorm`
+re-estimates them on data: not part of Intra-Fusion, which is data-free, and kept separate so that results with
+and without data are never mixed up.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._fuse import Plan, derived_bn, edit_members
-from ifjax._spec import Spec, Variables, flatten, unflatten
+from ifjax._batchnorm import derived_bn, input_statistics, with_statistics
+from ifjax._fuse import Plan, edit_members
+from ifjax._spec import Spec, Variables, flatten, on_host, to_jax, unflatten
 
 
 def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, variables: Variables, spec: Spec,
@@ -34,7 +37,8 @@ def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, varia
       train=True, mutable=["batch_stats"])``) for the *pruned* widths.
     pruned: variables returned by ``apply_plan(variables, spec, plan)``.
     variables: the original (unfolded) variables.
-    spec, plan: as given to ``apply_plan``; the plan must keep neurons
+    spec: as given to ``apply_plan``.
+    plan: as given to ``apply_plan``; it must keep neurons
       (``target="most_important"`` or plain pruning).
     batches: iterable of input batches (no labels).
 
@@ -60,6 +64,39 @@ def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, varia
   stats = _batch_statistics(apply_fn, unflatten(new), batches)
   new.update({p: a.astype(new[p].dtype) for p, a in stats.items()})
   return unflatten(new)
+
+
+def unfold_batchnorm(pruned: Variables, variables: Variables, spec: Spec, plan: Plan) -> dict:
+  """``pruned`` with every folded BN given estimated statistics, computing the same function in eval mode.
+
+  :func:`ifjax.apply_plan` folds each BN into its layer: mean 0, var 1 - eps, scale 1, so in eval mode the BN
+  only adds its bias. In *training* mode a BN normalises by batch statistics instead, which for a folded BN
+  is a different function: fine-tuning would start from a model it does not evaluate. Here each BN input
+  channel w gets an estimate of its mean and standard deviation, and scale and bias that undo the
+  normalisation: ``(w - mean) / sqrt(var + eps) * sqrt(var + eps) + (mean + bias) = w + bias``. So the eval-mode
+  function is unchanged (to float rounding), and training mode, which divides by the batch statistics, starts
+  near it when the estimates are right.
+
+  The estimates need no data: the original BN statistics give each channel's mean and deviation in the
+  folded model (:func:`ifjax._batchnorm.input_statistics`). A fused channel is the producer map P applied to
+  these channels, so its mean is ``P @ mean`` (exact if the inputs of the layer are unchanged) and its
+  deviation is estimated as ``P @ sd`` (exact for perfectly correlated neurons, which is what OT fuses).
+  BNs without a scale or bias parameter stay folded.
+
+  Args:
+    pruned: ``apply_plan(variables, spec, plan)`` (BN-folded).
+    variables, spec, plan: as given to :func:`ifjax.apply_plan`.
+
+  Returns:
+    New variables at the pruned shapes; the inputs are not modified.
+  """
+  statistics = input_statistics(variables, spec)
+
+  def roles(g):
+    return [(m, "producer") for m, _ in derived_bn(spec, g) if m.path in statistics]
+
+  statistics = on_host(edit_members(statistics, spec, on_host(plan), roles))  # each channel's fused estimate
+  return to_jax(unflatten(with_statistics(on_host(flatten(pruned)), spec, statistics)))
 
 
 def _select_kept(arrays: Mapping[str, jax.Array], spec: Spec, plan: Plan) -> dict[str, jax.Array]:

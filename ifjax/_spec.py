@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import jax
@@ -80,7 +82,8 @@ class BatchNormPair(NamedTuple):
 
 
 def _as_member(m: Any) -> Member | FlatMember:
-  if isinstance(m, (Member, FlatMember)):
+  """A checked member with plain-int fields (NumPy integers, e.g. from a tracer, would not serialise to JSON)."""
+  if isinstance(m, (Member, FlatMember)) and all(type(v) is int for v in m[1:]):
     return m
   if isinstance(m, str) or not isinstance(m, Sequence) or len(m) not in (2, 3, 5):
     raise ValueError(f"a group member must be (path, axis), (path, axis, offset) or "
@@ -91,7 +94,7 @@ def _as_member(m: Any) -> Member | FlatMember:
   offset, outer, inner = (list(rest) + [0, 1, 1][len(rest):])
   if offset < 0 or outer < 1 or inner < 1:
     raise ValueError(f"member {path!r}: need offset >= 0, outer >= 1, inner >= 1, got {offset}, {outer}, {inner}")
-  if (outer, inner) != (1, 1):
+  if (outer, inner) != (1, 1) or isinstance(m, FlatMember):
     return FlatMember(path, int(axis), int(offset), int(outer), int(inner))
   return Member(path, int(axis), int(offset))
 
@@ -116,6 +119,9 @@ class Group:
   producers: tuple[Member | FlatMember, ...]
   consumers: tuple[Member | FlatMember, ...] = ()
   size: int | None = None  # needed only when every member is a segment of an axis shared with other groups
+  # False for a pruning-only group: its neurons can be permuted and pruned, but merging exact duplicates does not
+  # keep the function (a LayerNorm / GroupNorm over them, tied weights, a query-key contraction); see check_spec
+  exact: bool = True
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
@@ -124,8 +130,14 @@ class Group:
     object.__setattr__(self, "consumers", tuple(_as_member(m) for m in self.consumers))
     if not self.producers:
       raise ValueError(f"group {self.name!r} has no producers")
-    if self.size is not None and (not isinstance(self.size, (int, np.integer)) or self.size < 1):
+    if self.size is not None and (not isinstance(self.size, (int, np.integer)) or isinstance(self.size, bool)
+                                  or self.size < 1):
       raise ValueError(f"group {self.name!r}: size must be a positive int, got {self.size!r}")
+    if self.size is not None:
+      object.__setattr__(self, "size", int(self.size))
+    if not isinstance(self.exact, (bool, np.bool_)):
+      raise ValueError(f"group {self.name!r}: exact must be a bool, got {self.exact!r}")
+    object.__setattr__(self, "exact", bool(self.exact))
 
   @property
   def members(self) -> tuple[Member, ...]:
@@ -155,8 +167,8 @@ class Spec:
                                                              ("batch_stats", "mean"), ("batch_stats", "var"))}
     object.__setattr__(self, "groups", tuple(
         g if not any(m.path in bn_arrays for m in g.members) else
-        Group(g.name, [m for m in g.producers if m.path not in bn_arrays],
-              [m for m in g.consumers if m.path not in bn_arrays], g.size) for g in self.groups))
+        dataclasses.replace(g, producers=[m for m in g.producers if m.path not in bn_arrays],
+                            consumers=[m for m in g.consumers if m.path not in bn_arrays]) for g in self.groups))
     names = [g.name for g in self.groups]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -201,14 +213,16 @@ class Spec:
     return json.dumps({
         "groups": [{"name": g.name, "producers": [_member_json(m) for m in g.producers],
                     "consumers": [_member_json(m) for m in g.consumers],
-                    **({"size": g.size} if g.size is not None else {})} for g in self.groups],
+                    **({"size": g.size} if g.size is not None else {}),
+                    **({"exact": False} if not g.exact else {})} for g in self.groups],
         "batchnorms": [list(b) for b in self.batchnorms],
     }, indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> Spec:
     d = json.loads(text)
-    return cls(tuple(Group(g["name"], g["producers"], g.get("consumers", ()), g.get("size")) for g in d["groups"]),
+    return cls(tuple(Group(g["name"], g["producers"], g.get("consumers", ()), g.get("size"), g.get("exact", True))
+                     for g in d["groups"]),
                tuple(tuple(b) for b in d.get("batchnorms", ())))
 
   # -- validation -----------------------------------------------------------
@@ -275,6 +289,19 @@ def _lookup(flat: Mapping[str, Any], path: str, where: str):
     hint = f"; arrays with that leaf name: {close}" if close else ""
     raise ValueError(f"{where}: unknown path {path!r}{hint}")
   return flat[path]
+
+
+def member_rows(flat: Mapping[str, Any], m: Member, n: int) -> jax.Array:
+  """The n neurons of member ``m`` as rows: (n, d) float32, neuron axis moved first (NumPy for NumPy input)."""
+  xp = array_module(flat[m.path])
+  arr = m.neurons_first(xp.asarray(flat[m.path], xp.float32))[m.offset:m.offset + n]
+  return arr.reshape(n, -1)
+
+
+def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member]:
+  """Members with a weight matrix (ndim >= 2): producer kernels and consumer kernels, sorted by (path, axis,
+  offset), so that scores and costs, rounding included, do not depend on the order a spec lists them in."""
+  return sorted((m for m in group.members if np.ndim(flat[m.path]) >= 2), key=lambda m: (m.path, m.axis, m.offset))
 
 
 # -- pytree helpers ------------------------------------------------------------
@@ -347,6 +374,62 @@ def unflatten(flat: Mapping[str, Any], keep_flat: bool = False) -> dict[str, Any
   return out
 
 
+def match_groups(spec_a: Spec, spec_b: Spec, variables: Variables | None = None) -> dict[str, str]:
+  """``{group name in spec_a: group name in spec_b}`` for the groups with the same members, e.g. a hand-written
+  spec and :func:`ifjax.trace_spec`'s spec of the same model, whose group names differ.
+
+  Members compare as ``(path, axis, offset, outer, inner)``, producers and consumers each as a set (order
+  ignored); with ``variables``, negative axes are made positive first. Every group of either spec must have
+  exactly one counterpart, else ValueError names the groups without one, each with the closest group of the
+  other spec and the members that differ. Carry widths or a plan across with the mapping:
+  ``{names[k]: v for k, v in plan.items()}``.
+
+  >>> a = Spec((Group("hidden", [("params/fc0/kernel", 1)], [("params/fc1/kernel", 0)]),))
+  >>> b = Spec((Group("fc0", [("params/fc0/kernel", 1, 0)], [("params/fc1/kernel", 0)]),))
+  >>> match_groups(a, b)
+  {'hidden': 'fc0'}
+  """
+  flat = flatten(variables) if variables is not None else {}
+
+  def key(m: Member | FlatMember) -> tuple:
+    axis = m.axis % np.ndim(flat[m.path]) if m.axis < 0 and m.path in flat else m.axis
+    return m.path, axis, m.offset, m.outer, m.inner
+
+  def keys(spec: Spec, which: str) -> dict[str, tuple[frozenset, frozenset]]:
+    out = {g.name: (frozenset(map(key, g.producers)), frozenset(map(key, g.consumers))) for g in spec.groups}
+    seen: dict[tuple, str] = {}
+    for name, k in out.items():
+      if k in seen:
+        raise ValueError(f"{which}: groups {seen[k]!r} and {name!r} have the same members, so they cannot be "
+                         "told apart")
+      seen[k] = name
+    return out
+
+  ka, kb = keys(spec_a, "spec_a"), keys(spec_b, "spec_b")
+  by_members = {k: name for name, k in kb.items()}
+  out = {name: by_members[k] for name, k in ka.items() if k in by_members}
+  problems = []
+  for which, mine, other, done in (("spec_a", ka, kb, set(out)), ("spec_b", kb, ka, set(out.values()))):
+    for name in (n for n in mine if n not in done):
+      members = mine[name][0] | mine[name][1]
+      overlap = {o: len(members & (other[o][0] | other[o][1])) for o in other}
+      near = max(overlap, key=overlap.get, default=None)
+      theirs = other[near][0] | other[near][1] if near is not None else frozenset()
+      if not theirs & members:
+        problems.append(f"{which} group {name!r} has no counterpart: no group of the other spec shares a member "
+                        f"with it (its producers: {sorted(mine[name][0])[:4]})")
+      elif members == theirs:
+        problems.append(f"{which} group {name!r} has the members of {near!r}, but splits them into producers and "
+                        "consumers differently")
+      else:
+        problems.append(f"{which} group {name!r} has no counterpart; the closest, {near!r}, differs in "
+                        f"{sorted(members - theirs)[:4]} (only in {name!r}) and {sorted(theirs - members)[:4]} "
+                        f"(only in {near!r})")
+  if problems:
+    raise ValueError("the specs' groups do not correspond: " + "; ".join(problems))
+  return out
+
+
 def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = None) -> dict[str, int]:
   """``{group name: neuron count}``: pass as ``widths=`` to a zoo model to rebuild it at this size.
 
@@ -354,8 +437,62 @@ def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = No
   describes and the result is the widths *after* ``apply_plan``; use this form
   when groups are segments of shared axes (option-A ResNets), whose pruned sizes
   the pruned arrays alone do not determine.
+
+  Without a plan, pruned ``variables`` of a spec with segment groups work too:
+  each shared axis is the sum of its segments, and segments that the shapes
+  leave open (option A's padding halves) get the one ratio that gave the segment
+  groups the shapes do determine (a uniform ratio, as ``intra_fuse(v, spec, 0.5)``);
+  if the groups were pruned at different ratios, ValueError asks for the plan.
   """
+  if plan is None and any(g.size is not None for g in spec.groups):
+    return _segment_widths(variables, spec)
   sizes = spec.validate(variables)
   for name, gp in (plan or {}).items():
-    sizes[name] = (gp.keep if gp.keep is not None else gp.producer_map).shape[0]
+    sizes[name] = gp.m
   return sizes
+
+
+def _segment_widths(variables: Variables, spec: Spec) -> dict[str, int]:
+  """:func:`widths` of pruned ``variables`` when some groups are segments of shared axes (their offsets are stale)."""
+  flat = flatten(variables)
+  owners: dict[tuple[str, int], set[str]] = {}
+  totals: dict[tuple[str, int], int] = {}
+  key = lambda m: (m.path, m.axis % np.ndim(flat[m.path]))
+  for g in spec.groups:
+    for m in g.members:
+      _lookup(flat, m.path, f"group {g.name!r}")
+      owners.setdefault(key(m), set()).add(g.name)
+      totals[key(m)] = _neuron_axis_len(flat, m)
+  sizes: dict[str, int] = {}
+  for g in spec.groups:
+    whole = {totals[key(m)] for m in g.members if owners[key(m)] == {g.name}}
+    if len(whole) > 1:
+      raise ValueError(f"group {g.name!r}: the arrays it owns whole disagree on its width: {sorted(whole)}")
+    sizes.update({g.name: whole.pop()} if whole else {})
+  shared = [(sorted(names), totals[k], k) for k, names in owners.items() if len(names) > 1]
+  progress = True
+  while progress:  # an axis shared by segments is their sum: solve the axes with one open segment
+    progress = False
+    for names, total, _ in shared:
+      unknown = [n for n in names if n not in sizes]
+      if len(unknown) == 1:
+        sizes[unknown[0]] = total - sum(sizes[n] for n in names if n in sizes)
+        progress = True
+  open_ = [g for g in spec.groups if g.name not in sizes]
+  if open_:  # kept_count(n, r) = floor(n * (1 - r)) = w  <=>  1 - (w + 1) / n < r <= 1 - w / n
+    known = [g for g in spec.groups if g.size is not None and g.name in sizes]
+    lo = max((1 - Fraction(sizes[g.name] + 1, g.size) for g in known), default=Fraction(1))
+    hi = min((1 - Fraction(sizes[g.name], g.size) for g in known), default=Fraction(0))
+    for g in open_:
+      w = math.floor(g.size * (1 - hi)) if g.size is not None and lo < hi else None
+      if w is None or w != math.ceil(g.size * (1 - lo)) - 1 or w < 1:
+        raise ValueError(f"widths: the arrays do not determine the width of segment group {g.name!r}, and the groups "
+                         "they do determine were not pruned at one common ratio; pass plan= (ifjax.widths(variables, "
+                         "spec, plan) with the unpruned variables)")
+      sizes[g.name] = w
+  for names, total, (path, axis) in shared:
+    if sum(sizes[n] for n in names) != total:
+      raise ValueError(f"widths: {path!r} axis {axis} has {total} entries, but its segment groups {names} would have "
+                       f"{[sizes[n] for n in names]}; the groups were pruned at different ratios: pass plan= "
+                       "(ifjax.widths(variables, spec, plan) with the unpruned variables)")
+  return {g.name: sizes[g.name] for g in spec.groups}

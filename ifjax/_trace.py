@@ -26,8 +26,8 @@ import jax.extend as jex
 import numpy as np
 
 from ifjax._batchnorm import fold_batchnorm
-from ifjax._fuse import derived_bn
-from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, flatten, unflatten
+from ifjax._batchnorm import derived_bn
+from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, flatten, on_host, unflatten
 
 Seg = tuple[int, int, int, int]  # (start on the axis, length, class id, offset inside the class)
 
@@ -42,7 +42,10 @@ class _Class:
   producers: list = dataclasses.field(default_factory=list)  # (eqn index, member)
   consumers: list = dataclasses.field(default_factory=list)
   frozen: str = ""
+  inexact: str = ""  # why merging duplicates does not keep the function: the group is pruning-only
   pieces: list | None = None  # after a split: [(start, length, class)] that replace this class
+  blocks: tuple[int, int, int] | None = None  # (head class, block length, head-dim class): split into heads
+  kind: str = ""  # "heads" / "head_dim": the axes of a split into heads (a reshape, or DenseGeneral)
 
 
 @dataclasses.dataclass
@@ -55,12 +58,16 @@ class _Value:
   ``origin``: module path of the layer whose output this value still is (conv /
   dense output, plus biases and BN arithmetic), used to pair BNs with layers.
   ``param``: for a parameter seen through shape-only ops: (path, value axis -> param axis).
+  ``data``: axes without channel groups along which the values still vary with the input (tokens of an
+  MLP-Mixer); channels added element-wise to such an axis are pinned in place (frozen).
   """
 
   labels: dict[int, tuple[Seg, ...]] = dataclasses.field(default_factory=dict)
   params: dict[int, frozenset] = dataclasses.field(default_factory=dict)
   origin: str | None = None
   param: tuple[str, dict[int, int]] | None = None
+  bn: str | None = None  # the BatchNorm applied since ``origin``'s layer
+  data: frozenset = frozenset()  # unlabelled axes that carry the function's input data (not a broadcast)
 
 
 class _Tracer:
@@ -74,6 +81,8 @@ class _Tracer:
     self.bn_modules = {p.split("/", 1)[1].rsplit("/", 1)[0] for p in shapes if p.startswith("batch_stats/")
                        and p.endswith("/var")}
     self.eqn_counter = 0
+    self.bn_uses: dict[str, list] = {}  # bn module -> [(path, param axis, segments, origin, eqn index)]
+    self.escaped: set[str] = set()  # layers whose output is read before (or without) its BatchNorm
 
   # -- union-find over classes ----------------------------------------------------
   def new_class(self, size):
@@ -99,21 +108,54 @@ class _Tracer:
     ca.producers += cb.producers
     ca.consumers += cb.consumers
     ca.frozen = ca.frozen or cb.frozen
+    ca.inexact = ca.inexact or cb.inexact
+    if ca.blocks and cb.blocks:
+      if ca.blocks[1] != cb.blocks[1]:
+        raise UnsupportedPrimitiveError(f"{where}: couples channels split into heads of {ca.blocks[1]} and of "
+                                        f"{cb.blocks[1]}")
+      self.union(ca.blocks[0], cb.blocks[0], where)
+      self.union(ca.blocks[2], cb.blocks[2], where)
+    ca.blocks = ca.blocks or cb.blocks
 
   def split(self, c, cuts):
     """Splits class ``c`` at positions ``cuts`` (inside it) into pieces that are classes of their own:
     each member covers the piece at its offset plus the piece's start."""
     c = self.find(c)
     cls = self.classes[c]
-    bounds = sorted({0, cls.size, *cuts})
+    if cls.pieces is not None:  # already split: split the pieces the cuts fall into
+      for start, length, piece in cls.pieces:
+        inner = {x - start for x in cuts if start < x < start + length}
+        if inner:
+          self.split(piece, inner)
+      return
+    if cls.blocks:
+      raise UnsupportedPrimitiveError(f"channels already split into heads of {cls.blocks[1]} are cut at {sorted(cuts)}")
+    bounds = sorted({0, cls.size, *map(int, cuts)})
     cls.pieces = []
     for lo, hi in zip(bounds, bounds[1:]):
       piece = self.new_class(hi - lo)
       p = self.classes[piece]
       p.producers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.producers]
       p.consumers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.consumers]
-      p.frozen = cls.frozen
+      p.frozen, p.inexact = cls.frozen, cls.inexact
       cls.pieces.append((lo, hi - lo, piece))
+
+  def whole(self, segs, what) -> list:
+    """``segs`` with classes split so that each segment covers one whole class."""
+    out = []
+    for seg in (x for seg in segs for x in self.resolve(seg)):
+      if seg[0] == "flat":
+        raise UnsupportedPrimitiveError(f"{what} on a flattened channel axis")
+      s, l, c, o = seg
+      if o or l != self.classes[c].size:
+        self.split(c, {o, o + l} - {0, self.classes[c].size})
+      out += self.resolve(seg)
+    return out
+
+  def mark_inexact(self, segs, why):
+    for s in (x for seg in segs for x in self.resolve(seg)):
+      c = self.classes[self.find(_plain(s)[2])]
+      c.inexact = c.inexact or why
 
   def resolve(self, seg) -> list:
     """A segment as segments of current (unsplit, root) classes."""
@@ -147,13 +189,16 @@ class _Tracer:
     env: dict[Any, _Value] = {}
     for v, val in zip(jaxpr.invars, inputs):
       env[v] = val
-    for v in jaxpr.constvars:
-      env[v] = _Value()
+    for v in jaxpr.constvars:  # the example inputs (closed over) and constants
+      env[v] = _Value(data=frozenset(i for i, n in enumerate(getattr(v.aval, "shape", ())) if n > 1))
     read = lambda v: _Value() if isinstance(v, jex.core.Literal) else self.resolved(env.get(v, _Value()))
     for eqn in jaxpr.eqns:
       self.eqn_counter += 1
       ins = [read(v) for v in eqn.invars]
       outs = self.eqn(eqn, ins)
+      for v in ins:  # a layer's output read before its BatchNorm: that BN cannot be folded into the layer
+        if v.origin and not v.bn and all(o.origin != v.origin for o in outs):
+          self.escaped.add(v.origin)
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
     return [read(v) for v in jaxpr.outvars]
@@ -206,34 +251,64 @@ class _Tracer:
     prms = [(v, s) for v, s in zip(ins, shapes) if (v.params or v.param) and not v.labels]
     for ax in range(ndim):
       segs = [v.labels[ax] for v, s in acts if ax in v.labels]
-      if not segs:
-        continue
-      first = segs[0]
-      if all([_layout(g) for g in other] == [_layout(g) for g in first] for other in segs[1:]):
-        for other in segs[1:]:
-          for g0, g1 in zip(first, other):
-            self.union(_plain(g0)[2], _plain(g1)[2], f"{name!r}")
-        out.labels[ax] = tuple(self.canonical(g) for g in first)
-      elif any(g[0] == "flat" for x in segs for g in x):
-        raise UnsupportedPrimitiveError(f"{name!r} combines flattened channel axes laid out differently")
-      else:
-        out.labels[ax] = self.overlay(segs, name)
+      if segs:
+        out.labels[ax] = self.merge_axis(segs, name)
+        if any(ax in v.data for v in ins):
+          self.freeze(out.labels[ax], f"{name!r} combines them with input data along the same axis")
+    out.data = frozenset().union(*(v.data for v in ins)) - out.labels.keys()
     # per-channel parameters meeting labelled activations
-    for v, s in prms:
-      pmap = v.params or self.param_channels(v, s)
+    out.bn = next((v.bn for v, _ in acts if v.bn), None)
+    for v, s in zip(ins, shapes):  # params on a broadcast axis wait for the channels they will meet (LayerNorm)
+      pmap = v.params or (self.param_channels(v, s) if v.param and not v.labels else {})
       for ax, members in pmap.items():
-        if ax in out.labels:
+        if ax in out.labels and not self.per_head(out.labels[ax]):
           for path, pax in members:
-            self.per_channel(path, pax, out.labels[ax], name, acts)
-        elif not acts:
+            out.bn = self.per_channel(path, pax, out.labels[ax], name, acts) or out.bn
+        elif ax in out.labels or ax not in out.data:
           out.params[ax] = out.params.get(ax, frozenset()) | members
     origins = {v.origin for v, _ in acts}
     if acts and len(origins) == 1 and None not in origins and name in _AFFINE:  # still that layer's output
       out.origin = origins.pop()
+    else:
+      out.bn = None
     kernels = [v.param[0] for v, _ in prms if v.param and v.param[0].endswith("/kernel")]
     if name == "mul" and acts and out.labels and kernels:  # a per-channel (depthwise) kernel tap
-      out.origin = _module(kernels[0])
+      out.origin, out.bn = _module(kernels[0]), None
     return out
+
+  def merge_axis(self, segs: list, name: str) -> tuple:
+    """The labels of one axis of an op that combines its operands element-wise along it."""
+    first = segs[0]
+    if all([_layout(g) for g in other] == [_layout(g) for g in first] for other in segs[1:]):
+      for other in segs[1:]:
+        for g0, g1 in zip(first, other):
+          self.union(_plain(g0)[2], _plain(g1)[2], f"{name!r}")
+      return tuple(self.canonical(g) for g in first)
+    if any(g[0] == "flat" for x in segs for g in x):
+      fine = [x for x in segs if not any(g[0] == "flat" for g in x)]
+      flats = [x for x in segs if any(g[0] == "flat" for g in x)]
+      if fine:  # channels meet per-head values (GroupNorm's statistics): the heads of those channels
+        out = self.merge_axis(fine, name)
+        coarse = tuple(self.coarse(g) for g in out)
+        if all([_layout(g) for g in x] == [_layout(g) for g in coarse] for x in flats):
+          self.merge_axis([coarse, *flats], name)
+          return out
+      raise UnsupportedPrimitiveError(f"{name!r} combines flattened channel axes laid out differently")
+    return self.overlay(segs, name)
+
+  def per_head(self, segs) -> bool:
+    """Whether ``segs`` label per-head values spread over the head's channels (GroupNorm's statistics):
+    per-channel parameters meeting them wait for the channels themselves."""
+    return all(g[0] == "flat" and g[1] == 1 and self.classes[self.find(g[3][2])].kind == "heads" for g in segs)
+
+  def coarse(self, seg):
+    """A segment of channels split into heads, as the flat label of its heads (``seg`` if not split)."""
+    s, l, c, o = seg
+    blocks = self.classes[self.find(c)].blocks
+    if blocks is None or s % blocks[1] or l % blocks[1] or o % blocks[1]:
+      return seg
+    b = blocks[1]
+    return ("flat", 1, b, (s // b, l // b, self.find(blocks[0]), o // b))
 
   def overlay(self, operands, name) -> tuple[Seg, ...]:
     """Labels of an element-wise op whose operands carry classes at different positions of an axis
@@ -279,29 +354,41 @@ class _Tracer:
     path, axes = v.param
     return {ax: frozenset({(path, pax)}) for ax, pax in axes.items() if shape[ax] > 1}
 
-  def per_channel(self, path, pax, segs, name, acts):
+  def per_channel(self, path, pax, segs, name, acts) -> str | None:
+    """A per-channel parameter (bias, scale, norm or BN array) meets channels ``segs``: it becomes a producer
+    member of each group there, at the group's offset. BatchNorm arrays are set aside: whether the BN folds
+    into its layer is decided once the whole program is seen (:meth:`settle_batchnorms`). Returns the BN
+    module ``path`` belongs to, if any."""
     module = path.split("/", 1)[1].rsplit("/", 1)[0]
-    origin = acts[0][0].origin if len(acts) == 1 else None
     if module in self.bn_modules:
-      if origin is None:
-        raise UnsupportedPrimitiveError(f"BatchNorm {module!r} does not directly follow a conv / dense layer, so it "
-                                        "cannot be folded; ifjax only folds BNs placed right after a layer")
-      prev = self.bn.setdefault(module, origin)
-      if prev != origin:
-        raise UnsupportedPrimitiveError(f"BatchNorm {module!r} follows both {prev!r} and {origin!r}")
-      return
-    if name not in ("add", "sub", "mul"):
+      origin = acts[0][0].origin if len(acts) == 1 and acts[0][0].bn in (None, module) else None
+      self.bn_uses.setdefault(module, []).append((path, pax, segs, origin, self.eqn_counter))
+      return module
+    if name not in ("add", "sub", "mul", "concatenate"):
       raise UnsupportedPrimitiveError(f"per-channel parameter {path!r} enters channels through {name!r}; only "
                                       "biases (add), per-channel scales (mul) and BatchNorm are supported")
-    if len(segs) != 1 or segs[0][0] == "flat":
-      raise UnsupportedPrimitiveError(f"per-channel parameter {path!r} spans several groups or a flattened axis")
-    start, length, c, off = segs[0]
-    if off != 0 or length != self.classes[self.find(c)].size:
-      raise UnsupportedPrimitiveError(f"bias {path!r} covers part of a group")
-    cls = self.classes[self.find(c)]
-    m = Member(path, pax, 0)
-    if m not in [x for _, x in cls.producers]:
-      cls.producers.append((self.eqn_counter, m))
+    self.add_per_channel(path, pax, segs, self.eqn_counter)
+    return None
+
+  def add_per_channel(self, path, pax, segs, eqn_index):
+    for s, l, c, o in self.whole(segs, f"per-channel parameter {path!r}"):
+      cls = self.classes[self.find(c)]
+      m = Member(path, pax, s)
+      if m not in [x for _, x in cls.producers]:
+        cls.producers.append((eqn_index, m))
+
+  def settle_batchnorms(self):
+    """A BN folds into its layer when it directly follows one layer whose output nothing else reads; any
+    other BN (after a concatenation, an activation, a shared output) keeps its arrays as per-channel
+    producer members of each group it covers."""
+    for module, uses in self.bn_uses.items():
+      origins = {u[3] for u in uses}
+      layer = origins.pop() if len(origins) == 1 else None
+      if layer is not None and layer not in self.escaped:
+        self.bn[module] = layer
+      else:
+        for path, pax, segs, _, i in uses:
+          self.add_per_channel(path, pax, segs, i)
 
   # -- shape ops -----------------------------------------------------------------------
   def p_broadcast_in_dim(self, eqn, ins, shapes, out_shapes):
@@ -317,36 +404,123 @@ class _Tracer:
     return [_moved(ins[0], {src: dst for dst, src in enumerate(keep)})]
 
   def p_reshape(self, eqn, ins, shapes, out_shapes):
-    v = ins[0]
-    where = _reshape_map(shapes[0], out_shapes[0])
+    v, old, new = ins[0], shapes[0], out_shapes[0]
+    where = _reshape_map(old, new)
     out = _moved(v, {k: j for k, (j, outer, inner) in where.items() if outer == inner == 1})
-    for ax, segs in v.labels.items():
+    taken: dict[int, int] = {}  # new axis -> the channel axis flattened into it
+    for ax in sorted(v.labels):
+      segs = v.labels[ax]
       if ax not in where:
-        raise UnsupportedPrimitiveError(f"reshape {shapes[0]} -> {out_shapes[0]} splits the channel axis {ax} of "
-                                        f"{self.describe(v)}")
+        split = _reshape_split(old, new, ax)
+        if split is None:
+          raise UnsupportedPrimitiveError(f"reshape {old} -> {new} splits the channel axis {ax} of "
+                                          f"{self.describe(v)} other than into (heads, head dim)")
+        out.labels[split[0]], out.labels[split[1]] = self.split_blocks(segs, new[split[1]], f"reshape {old} -> {new}")
+        continue
       j, outer, inner = where[ax]
-      if (outer, inner) != (1, 1):
-        if any(seg[0] == "flat" for seg in segs):
-          raise UnsupportedPrimitiveError("a flattened channel axis is flattened again")
-        out.labels[j] = tuple(("flat", outer, inner, seg) for seg in segs)
+      if (outer, inner) == (1, 1):
+        continue
+      if j in taken:  # (heads, head dim) -> features: the heads stay a group, the head dims do not
+        self.freeze(segs, f"merged by a reshape {old} -> {new} with channel axis {taken[j]} into one axis")
+        continue
+      if any(seg[0] == "flat" for seg in segs):
+        raise UnsupportedPrimitiveError("a flattened channel axis is flattened again")
+      taken[j] = ax
+      out.labels[j] = tuple(("flat", outer, inner, seg) for seg in segs)
+    data = set(out.data)
+    for ax in v.data:  # an input-data axis merged with others or split: the axes it lands in carry data
+      lo, hi = math.prod(old[ax + 1:]), math.prod(old[ax:])
+      data |= {j for j in range(len(new)) if new[j] > 1 and math.prod(new[j + 1:]) < hi and math.prod(new[j:]) > lo}
+    out.data = frozenset(data - out.labels.keys())
     for ax in v.params:
       if ax not in where or where[ax][1:] != (1, 1):
         raise UnsupportedPrimitiveError(f"reshape merges a channel axis of {self.describe(v)} with other axes")
     out.origin = v.origin
     return [out]
 
+  def split_blocks(self, segs, b, what) -> tuple[tuple, tuple]:
+    """Channels split into (heads, head dim = ``b``), e.g. attention heads or GroupNorm's groups: each class
+    becomes blocks of ``b`` channels, one per neuron of a new *head* class, and a *head-dim* class holds the
+    position inside a block (the same position in every block). A head-dim class spanning several classes
+    cannot be a group and is frozen. Returns the labels of the two new axes."""
+    heads, segs = [], self.whole(segs, what)
+    d = None
+    for s, l, c, o in segs:
+      cls = self.classes[c]
+      if s % b or l % b:
+        raise UnsupportedPrimitiveError(f"{what}: heads of {b} channels cut through a channel group at [{s}, {s + l})")
+      if cls.blocks is None:
+        h, dc = self.new_class(l // b), self.new_class(b)
+        self.classes[h].kind, self.classes[dc].kind = "heads", "head_dim"
+        cls.blocks = (h, b, dc)
+      elif cls.blocks[1] != b:
+        raise UnsupportedPrimitiveError(f"{what}: channels already split into heads of {cls.blocks[1]} are split "
+                                        f"into heads of {b}")
+      heads.append((s // b, l // b, self.find(cls.blocks[0]), 0))
+      if d is None:
+        d = cls.blocks[2]
+      elif self.find(d) != self.find(cls.blocks[2]):
+        self.classes[self.find(cls.blocks[2])].frozen = f"a head dimension shared by several groups ({what})"
+        self.classes[self.find(d)].frozen = f"a head dimension shared by several groups ({what})"
+    return tuple(heads), ((0, b, self.find(d), 0),)
+
+  def settle_blocks(self):
+    """Moves the members of classes split into heads to their head classes, as blocks of ``b`` entries."""
+    for c in range(len(self.classes)):
+      if self.find(c) == c and self.classes[c].blocks is not None and self.classes[c].pieces is None:
+        self.deposit(c)
+
+  def deposit(self, c):
+    """Class ``c``'s members as members of its head class (blocks of ``b`` entries) and of its head-dim class
+    (entry i of every block: only for members whose axis holds ``c`` alone, else the head dims are frozen)."""
+    cls = self.classes[c]
+    h, b, d = cls.blocks
+    heads, dims = self.classes[self.find(h)], self.classes[self.find(d)]
+    for role in ("producers", "consumers"):
+      for i, m in getattr(cls, role):
+        if m.offset % b:
+          raise UnsupportedPrimitiveError(f"{m.path!r} axis {m.axis}: a group at offset {m.offset} is split into "
+                                          f"heads of {b}, which do not align with the axis")
+        getattr(heads, role).append((i, FlatMember(m.path, m.axis, m.offset // b, m.outer, m.inner * b)))
+        n = self.shapes[m.path][m.axis] // (m.outer * m.inner)
+        if m.offset == 0 and n == cls.size:
+          getattr(dims, role).append((i, FlatMember(m.path, m.axis, 0, m.outer * (cls.size // b), m.inner)))
+        else:
+          dims.frozen = dims.frozen or f"head dims of {m.path!r}, whose axis holds other channels too"
+    for target in (heads, dims):
+      target.frozen = target.frozen or cls.frozen
+      target.inexact = target.inexact or cls.inexact
+    cls.producers, cls.consumers = [], []
+    for x in (h, d):
+      if self.classes[self.find(x)].blocks is not None:
+        self.deposit(self.find(x))
+
   def p_reduce_sum(self, eqn, ins, shapes, out_shapes):
     axes = eqn.params["axes"]
     v = ins[0]
     for ax in axes:
-      if ax in v.labels:
+      if ax in v.labels:  # permuting the channels keeps the result; removing or merging some does not
+        self.mark_inexact(v.labels[ax], f"{eqn.primitive.name} runs over these channels (e.g. a LayerNorm's "
+                                        "statistics), so merging neurons changes the result")
+    keep = [i for i in range(len(shapes[0])) if i not in axes]
+    out = _moved(v, {src: dst for dst, src in enumerate(keep)})
+    out.origin = None
+    return [out]
+
+  p_reduce_max = p_reduce_min = p_reduce_prod = p_reduce_sum
+
+  def p_argmax(self, eqn, ins, shapes, out_shapes):
+    axes = eqn.params["axes"]
+    v = ins[0]
+    for ax in axes:
+      if ax in v.labels:  # the result is a channel index
         self.freeze(v.labels[ax], f"reduced over by {eqn.primitive.name}")
     keep = [i for i in range(len(shapes[0])) if i not in axes]
     out = _moved(v, {src: dst for dst, src in enumerate(keep)})
     out.origin = None
     return [out]
 
-  p_reduce_max = p_reduce_min = p_reduce_prod = p_argmax = p_argmin = p_reduce_sum
+  p_argmin = p_argmax
 
   def p_reduce_window_sum(self, eqn, ins, shapes, out_shapes):
     dims = eqn.params["window_dimensions"]
@@ -379,37 +553,61 @@ class _Tracer:
     return [out]
 
   def p_slice(self, eqn, ins, shapes, out_shapes):
-    v = ins[0]
     start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
     strides = eqn.params["strides"] or (1,) * len(start)
-    out = _moved(v, {i: i for i in range(len(shapes[0]))})
+    return [self.sliced(ins[0], shapes[0], start, limit, strides)]
+
+  def p_split(self, eqn, ins, shapes, out_shapes):
+    ax, outs, pos = eqn.params["axis"], [], 0
+    for size in eqn.params["sizes"]:
+      start, limit = [0] * len(shapes[0]), list(shapes[0])
+      start[ax], limit[ax] = pos, pos + size
+      outs.append(self.sliced(ins[0], shapes[0], start, limit, (1,) * len(start)))
+      pos += size
+    return outs
+
+  def sliced(self, v, shape, start, limit, strides) -> _Value:
+    """``v[start:limit:strides]``; a cut through a channel group splits it into groups of its own."""
+    out = _moved(v, {i: i for i in range(len(shape))})
     for ax, segs in v.labels.items():
-      if (start[ax], limit[ax], strides[ax]) == (0, shapes[0][ax], 1):
+      lo, hi, st = start[ax], limit[ax], strides[ax]
+      if (lo, hi, st) == (0, shape[ax], 1):
         continue
-      kept = []
-      for s, l, c, o in segs:
-        if start[ax] <= s and s + l <= limit[ax] and strides[ax] == 1:
-          kept.append((s - start[ax], l, c, o))
-        elif s + l <= start[ax] or s >= limit[ax]:
-          continue
-        else:
-          raise UnsupportedPrimitiveError(f"slice [{start[ax]}:{limit[ax]}:{strides[ax]}] cuts through a channel group")
+      if st != 1 and any(seg[0] == "flat" or seg[0] < hi and lo < seg[0] + seg[1] for seg in segs):
+        raise UnsupportedPrimitiveError(f"strided slice [{lo}:{hi}:{st}] of a channel axis")
+      inside = [seg for seg in segs if seg[0] != "flat" and seg[0] < hi and lo < seg[0] + seg[1]]
+      if any(seg[0] == "flat" for seg in segs):
+        raise UnsupportedPrimitiveError(f"slice [{lo}:{hi}] of a flattened channel axis")
+      for s, l, c, o in inside:
+        cuts = {o + b - s for b in (lo, hi) if s < b < s + l}
+        if cuts:
+          self.split(c, cuts)
+      kept = [(s - lo, l, c, o) for seg in inside for s, l, c, o in self.resolve(seg) if lo <= s and s + l <= hi]
       out.labels[ax] = tuple(kept)
       if not kept:
         del out.labels[ax]
     for ax in list(out.params):
-      if (start[ax], limit[ax], strides[ax]) != (0, shapes[0][ax], 1):
+      if (start[ax], limit[ax], strides[ax]) != (0, shape[ax], 1):
         raise UnsupportedPrimitiveError("slice of a per-channel parameter")
-    return [out]
+    if v.param and any((start[a], limit[a], strides[a]) != (0, shape[a], 1) for a in v.param[1]):
+      path, axes = v.param  # e.g. position embeddings cut to the sequence length: sliced axes are no channels
+      out.param = (path, {a: pa for a, pa in axes.items() if (start[a], limit[a], strides[a]) == (0, shape[a], 1)})
+    return out
 
   def p_concatenate(self, eqn, ins, shapes, out_shapes):
     dim = eqn.params["dimension"]
     out = self.elementwise_except(ins, shapes, out_shapes[0], dim)
     segs, pos = [], 0
+    acts = [(v, s) for v, s in zip(ins, shapes) if v.labels]
     for v, s in zip(ins, shapes):
       segs += [(st + pos, l, c, o) for st, l, c, o in v.labels.get(dim, ())]
-      if v.param or v.params:
-        raise UnsupportedPrimitiveError("concatenate of parameters with channel axes")
+      if v.param or v.params:  # e.g. a class token prepended to the patch tokens: a producer of their channels
+        pmap = v.params or self.param_channels(v, s)
+        if dim in pmap:
+          raise UnsupportedPrimitiveError(f"concatenate of parameter {sorted(pmap[dim])[0][0]!r} along its channel axis")
+        for ax, members in pmap.items():
+          for path, pax in members if ax in out.labels else ():
+            self.per_channel(path, pax, out.labels[ax], "concatenate", acts)
       pos += s[dim]
     if segs:
       out.labels[dim] = tuple(segs)
@@ -419,10 +617,12 @@ class _Tracer:
     """Merges labels of all axes but ``dim`` like an element-wise op."""
     stripped = []
     for v in ins:
-      w = _Value({a: s for a, s in v.labels.items() if a != dim})
+      w = _Value({a: s for a, s in v.labels.items() if a != dim}, data=v.data - {dim})
       stripped.append(w)
     out = self.elementwise("concatenate", stripped, shapes, out_shape)
     out.origin = None
+    if any(dim in v.data for v in ins):
+      out.data |= {dim}
     return out
 
   # -- contractions --------------------------------------------------------------------
@@ -443,6 +643,9 @@ class _Tracer:
       if ax != dn.lhs_spec[1]:
         self.freeze(segs, "a conv window runs over its axis")
     out = _Value(origin=_module(path))
+    if lhs.data:  # a window over input data gives input data on the spatial axes
+      out.data = frozenset(dn.out_spec[2:])
+    in_segs = tuple(self.whole(in_segs, f"conv {path!r}"))
     fax = dn.out_spec[1]
     if groups == 1:
       for s, l, c, o in in_segs:
@@ -480,18 +683,18 @@ class _Tracer:
   def p_dot_general(self, eqn, ins, shapes, out_shapes):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = ins
-    if (lhs.param and rhs.param) or (lhs.labels and rhs.labels):
-      raise UnsupportedPrimitiveError("dot_general between two parameters or two activations with channel axes")
+    if lhs.param and rhs.param:
+      raise UnsupportedPrimitiveError(f"dot_general between two parameters, {lhs.param[0]!r} and {rhs.param[0]!r}")
+    if not lhs.param and not rhs.param:
+      return [self.activation_product(eqn, ins, shapes)]
     act_first = not lhs.param
     act, prm = (lhs, rhs) if act_first else (rhs, lhs)
     ac, pc = (lc, rc) if act_first else (rc, lc)
     ab, pb = (lb, rb) if act_first else (rb, lb)
     ashape, pshape = (shapes[0], shapes[1]) if act_first else (shapes[1], shapes[0])
-    if not prm.param:
-      if act.labels:
-        raise UnsupportedPrimitiveError("dot_general of channels with a non-parameter operand")
-      return [_Value()]
     path, axes = prm.param
+    if any(i not in axes for i in range(len(pshape)) if pshape[i] > 1):
+      raise UnsupportedPrimitiveError(f"dot_general with a slice of parameter {path!r}")
     for a_ax, p_ax in zip(ac, pc):
       for seg in act.labels.get(a_ax, ()):
         if seg[0] == "flat":
@@ -510,24 +713,124 @@ class _Tracer:
     for k, i in enumerate(r_free):
       pos[("r", i)] = nb + len(l_free) + k
     aside, pside = ("l", "r") if act_first else ("r", "l")
-    out = _Value(origin=_module(path))
+    out = _Value(origin=_module(path), data=frozenset(pos[(aside, i)] for i in a_free if i in act.data))
     for i in a_free:
       if i in act.labels:
         out.labels[pos[(aside, i)]] = act.labels[i]
     for ax in ab:
       if ax in act.labels:
         self.freeze(act.labels[ax], "used as a batch axis of dot_general")
-    if len(p_free) > 1:
-      raise UnsupportedPrimitiveError(f"dot_general with {path!r} producing several output axes")
-    for i in p_free:
-      cls = self.new_class(pshape[i])
-      self.classes[cls].producers.append((self.eqn_counter, Member(path, axes[i], 0)))
-      out.labels[pos[(pside, i)]] = ((0, pshape[i], cls, 0),)
+    several = [i for i in p_free if pshape[i] > 1]
+    for i in p_free:  # several output axes (DenseGeneral to (heads, head dim)): a group per axis
+      if pshape[i] > 1 or len(p_free) == 1:
+        cls = self.new_class(pshape[i])
+        if len(several) > 1:
+          self.classes[cls].kind = "head_dim" if i == several[-1] else "heads"
+        self.classes[cls].producers.append((self.eqn_counter, Member(path, axes[i], 0)))
+        out.labels[pos[(pside, i)]] = ((0, pshape[i], cls, 0),)
+    return [out]
+
+  def activation_product(self, eqn, ins, shapes) -> _Value:
+    """dot_general of two activations (attention: query-key logits, weights-value). Batch axes are
+    element-wise (the heads of q, k and v become one group); an axis contracted between two channel groups
+    couples them as a pruning-only group (merging two query dims does not keep q.k); an axis contracted
+    against unlabelled data is frozen."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = ins
+    out = _Value()
+    for k, (a, b) in enumerate(zip(lb, rb)):
+      segs = [x for x in (lhs.labels.get(a), rhs.labels.get(b)) if x]
+      if segs:
+        out.labels[k] = self.merge_axis(segs, "dot_general (batch axes)")
+    for a, b in zip(lc, rc):
+      la, lr = lhs.labels.get(a), rhs.labels.get(b)
+      if la and lr:
+        self.mark_inexact(self.merge_axis([la, lr], "dot_general (contraction)"),
+                          "contracted between two activations (a query-key product), so merging neurons changes it")
+      elif la or lr:
+        self.freeze(la or lr, "contracted against an activation that carries no channel group")
+    l_free = [i for i in range(len(shapes[0])) if i not in lc and i not in lb]
+    r_free = [i for i in range(len(shapes[1])) if i not in rc and i not in rb]
+    data = {k for k, (a, b) in enumerate(zip(lb, rb)) if a in lhs.data or b in rhs.data}
+    for k, i in enumerate(l_free):
+      if i in lhs.labels:
+        out.labels[len(lb) + k] = lhs.labels[i]
+      elif i in lhs.data:
+        data.add(len(lb) + k)
+    for k, i in enumerate(r_free):
+      if i in rhs.labels:
+        out.labels[len(lb) + len(l_free) + k] = rhs.labels[i]
+      elif i in rhs.data:
+        data.add(len(lb) + len(l_free) + k)
+    out.data = frozenset(data - out.labels.keys())
+    return out
+
+  def p_gather(self, eqn, ins, shapes, out_shapes):
+    """An embedding lookup (``jnp.take`` of a parameter table): the table's uncut axes are produced
+    channels; gathering from an activation keeps the labels of its uncut axes."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    v, shape = ins[0], shapes[0]
+    if getattr(dn, "operand_batching_dims", ()):
+      if v.labels or v.param:
+        raise UnsupportedPrimitiveError("gather with batching dims on a parameter or channel axis")
+      return [_Value()]
+    kept = [a for a in range(len(shape)) if a not in dn.collapsed_slice_dims]
+    out_axis = dict(zip(kept, dn.offset_dims))
+    out = _Value()
+    if ins[1].data or v.data:  # looked-up rows of input ids (tokens)
+      out.data = frozenset(i for i in range(len(out_shapes[0])) if i not in dn.offset_dims and out_shapes[0][i] > 1)
+    if v.param:
+      path, axes = v.param
+      out.origin = _module(path)
+      for a in kept:
+        if sizes[a] == shape[a] > 1 and a in axes and a not in dn.start_index_map:
+          cls = self.new_class(shape[a])
+          self.classes[cls].producers.append((self.eqn_counter, Member(path, axes[a], 0)))
+          out.labels[out_axis[a]] = ((0, shape[a], cls, 0),)
+    for a, segs in v.labels.items():
+      if a in out_axis and sizes[a] == shape[a] and a not in dn.start_index_map:
+        out.labels[out_axis[a]] = segs
+      else:
+        self.freeze(segs, "indexed by a gather")
     return [out]
 
   def p_cond(self, eqn, ins, shapes, out_shapes):
     branches = [self.run(b.jaxpr, ins[1:]) for b in eqn.params["branches"]]
     return [self.elementwise("cond", list(outs), [o] * len(outs), o) for outs, o in zip(zip(*branches), out_shapes)]
+
+  def p_scan(self, eqn, ins, shapes, out_shapes):
+    """``lax.scan`` (``nn.scan`` over stacked layers): the body is followed once. Parameters scanned over
+    (stacked on axis 0) give members on their stacked arrays, so a group takes the same neurons in every
+    layer; the carry's channels in and out of the body are one group."""
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts, carry, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+    outs = self.run(p["jaxpr"].jaxpr, consts + carry + [self.unstacked(v) for v in xs])
+    result = []
+    for k, (a, b) in enumerate(zip(carry, outs[:ncar])):
+      out = _Value()
+      for ax in set(a.labels) | set(b.labels):
+        if ax in a.labels and ax in b.labels:
+          out.labels[ax] = self.merge_axis([a.labels[ax], b.labels[ax]], "scan carry")
+        else:  # the loop moves channels in or out of this axis from one step to the next
+          for segs in (a.labels.get(ax), b.labels.get(ax)):
+            if segs:
+              self.freeze(segs, f"the scan carry {k} changes its channel layout between steps")
+      result.append(out)
+    for v in outs[ncar:]:  # stacked outputs: a new axis 0
+      result.append(_moved(v, {ax: ax + 1 for ax in v.labels.keys() | v.params.keys()}))
+    return result
+
+  def unstacked(self, v: _Value) -> _Value:
+    """One step's slice of a scanned-over operand (axis 0 removed)."""
+    if 0 in v.labels:
+      self.freeze(v.labels[0], "scanned over")
+    out = _moved(v, {ax: ax - 1 for ax in v.labels.keys() | v.params.keys() if ax > 0})
+    if v.param:
+      path, axes = v.param
+      out.param = (path, {a - 1: pa for a, pa in axes.items() if a > 0})
+    out.origin = None
+    return out
 
   # -- misc ----------------------------------------------------------------------------
   def p_select_n(self, eqn, ins, shapes, out_shapes):
@@ -568,7 +871,7 @@ def _subjaxpr(eqn):
 
 def _moved(v: _Value, mapping: dict[int, int]) -> _Value:
   """Relabels axes (src -> dst); axes not in ``mapping`` lose their labels."""
-  out = _Value(origin=v.origin)
+  out = _Value(origin=v.origin, bn=v.bn, data=frozenset(mapping[a] for a in v.data if a in mapping))
   for ax, segs in v.labels.items():
     if ax in mapping:
       out.labels[mapping[ax]] = segs
@@ -600,6 +903,17 @@ def _reshape_map(old, new) -> dict[int, tuple[int, int, int]]:
         out[k] = (j, (inner_new[j] * nsize) // hi, lo // inner_new[j])
         break
   return out
+
+
+def _reshape_split(old, new, k) -> tuple[int, int] | None:
+  """The two new axes (outer, inner) that old axis ``k`` is split into by a row-major reshape, or None."""
+  lo = math.prod(old[k + 1:])
+  hi = lo * old[k]
+  inner_new = [math.prod(new[j + 1:]) for j in range(len(new))]
+  js = [j for j in range(len(new)) if new[j] > 1 and inner_new[j] >= lo and inner_new[j] * new[j] <= hi]
+  if len(js) == 2 and inner_new[js[1]] == lo and inner_new[js[0]] * new[js[0]] == hi and new[js[0]] * new[js[1]] == old[k]:
+    return js[0], js[1]
+  return None
 
 
 def _module(path: str) -> str:
@@ -640,25 +954,58 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
     for segs in o.labels.values():
       tracer.freeze(segs, "reaches the function's output")
 
+  tracer.settle_batchnorms()
+  tracer.settle_blocks()
   roots: dict[int, _Class] = {}
   for c in range(len(tracer.classes)):
-    roots.setdefault(tracer.find(c), tracer.classes[tracer.find(c)])
+    root = tracer.find(c)
+    if tracer.classes[root].pieces is None and tracer.classes[root].blocks is None:
+      roots.setdefault(root, tracer.classes[root])
+  _check_shared(roots, shapes)
   groups = []
   for root, cls in roots.items():
     kernels = [(i, m) for i, m in cls.producers if len(shapes[m.path]) >= 2]
-    if cls.frozen or not kernels or cls.pieces is not None:
+    if cls.frozen or not kernels:
       continue
     producers = _dedupe(sorted(cls.producers, key=lambda t: t[0]))
     consumers = _dedupe(sorted(cls.consumers, key=lambda t: t[0]))
+    tied = [m for m in consumers if m in producers]  # tied weights: one axis read and written by the group
+    consumers = [m for m in consumers if m not in tied]
     last = max(i for i, _ in kernels)
     first_eqn, first = min(kernels, key=lambda t: t[0])
-    axis_len = shapes[first.path][first.axis]
-    name = _module(first.path) + (f"[{first.offset}:{first.offset + cls.size}]" if cls.size != axis_len else "")
     shared = any(m.offset or _axis_len(shapes, m) != cls.size for m in producers + consumers)
-    groups.append(((last, first_eqn, first.offset), Group(name, producers, consumers, cls.size if shared else None)))
+    group = Group(_group_name(first, cls, shapes), producers, consumers, cls.size if shared else None,
+                  exact=not (cls.inexact or tied))
+    groups.append(((last, first_eqn, first.offset), group))
   groups.sort(key=lambda t: t[0])
   bns = [BatchNormPair(layer, bn, *([tracer.eps[bn]] if bn in tracer.eps else [])) for bn, layer in tracer.bn.items()]
   return Spec(tuple(g for _, g in groups), tuple(bns))
+
+
+def _group_name(first, cls: _Class, shapes) -> str:
+  """The module path of the group's first producer kernel; ``:heads`` / ``:head_dim`` for attention heads and
+  the dims inside them, ``:axis{a}`` for another kernel axis but the last, ``[a:b]`` for a segment of a
+  shared axis."""
+  name = _module(first.path)
+  if cls.kind:
+    return f"{name}:{cls.kind}" + (f"[{first.offset}:{first.offset + cls.size}]" if first.offset else "")
+  if first.axis % len(shapes[first.path]) != len(shapes[first.path]) - 1:
+    name += f":axis{first.axis % len(shapes[first.path])}"
+  return name + (f"[{first.offset}:{first.offset + cls.size}]" if cls.size != _axis_len(shapes, first) else "")
+
+
+def _check_shared(roots: dict[int, _Class], shapes) -> None:
+  """UnsupportedPrimitiveError if one parameter axis holds the channels of two groups: a module applied
+  twice (in sequence, or to two inputs) has one set of weights for two sets of channels."""
+  owners: dict[tuple, int] = {}
+  for root, cls in roots.items():
+    for _, m in cls.producers + cls.consumers:
+      key = (m.path, m.axis % len(shapes[m.path]), m.offset, m.outer, m.inner)
+      if owners.setdefault(key, root) != root:
+        raise UnsupportedPrimitiveError(
+            f"{m.path!r} axis {key[1]} holds the channels of two different groups: module {_module(m.path)!r} is "
+            "applied more than once (shared weights: a layer called twice in sequence, or on two inputs), and "
+            "pruning one use would change the other. Hint: write the spec by hand, or give each call its own module")
 
 
 def _axis_len(shapes, m) -> int:
@@ -687,17 +1034,27 @@ def check_spec(apply_fn: Callable[..., Any], variables, spec: Spec, *example_arg
   the BatchNorms folded into its producers): the outputs must not change. With
   ``scaling=True`` one neuron's producer rows are also scaled by 2 and its
   consumer columns by 1/2 (after BN folding), which must not change the outputs
-  when the activations between them are positively homogeneous (ReLU).
+  when the activations between them are positively homogeneous (ReLU). It is skipped for pruning-only
+  groups (``Group.exact`` False: a LayerNorm / GroupNorm normalises over their channels, weights are tied,
+  or a query-key product contracts them) and for groups holding an unfolded BatchNorm's statistics (a BN
+  after a concatenation or an activation), which are not homogeneous in their producers.
+
+  A permutation keeps the outputs of every traced group; what tells the groups apart is ``Group.exact``.
+  For an exact group, fusing planted exact-duplicate neurons with ``normalization="barycentric"`` keeps
+  the function. A pruning-only group can be pruned (:func:`ifjax.plan` prunes it even with ``fuse=True``),
+  but removing channels changes what the norm over them computes (its mean and variance run over fewer
+  channels), so the pruned model differs from the original even when the removed channels were duplicates.
 
   Raises :class:`SpecCheckError` naming the group and the member that breaks.
   """
   sizes = spec.validate(variables)
+  variables = on_host(variables)
   forward = jax.jit(lambda v: jax.tree.leaves(apply_fn(v, *example_args, **example_kwargs))[0])
   run = lambda v: np.asarray(forward(v), np.float64)
   ref = run(variables)
   tol = atol + rtol * np.max(np.abs(ref))
   rng = np.random.default_rng(seed)
-  report = {}
+  report, folded = {}, None
   for g in spec.groups:
     n = sizes[g.name]
     perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(n)
@@ -711,8 +1068,8 @@ def check_spec(apply_fn: Callable[..., Any], variables, spec: Spec, *example_arg
                "a member is missing (some array holding these neurons is not in the group)")
       raise SpecCheckError(f"group {g.name!r}: permuting its neurons changes the outputs by {diff:.3g}; {where}")
     report[g.name] = float(diff)
-    if scaling:
-      folded = fold_batchnorm(variables, spec)
+    if scaling and g.exact and not any(m.path.startswith("batch_stats/") for m in g.members):
+      folded = fold_batchnorm(variables, spec) if folded is None else folded
       factors = [(m, 2.0) for m in g.producers if not _is_depthwise(folded, g, m)]
       factors += [(m, 0.5) for m in g.consumers]
       factors += [(m, 2.0) for m in _bn_members(spec, g, folded) if m.path.endswith("/bias")]
@@ -739,19 +1096,21 @@ def _is_depthwise(variables, g: Group, m: Member) -> bool:
 
 
 def _permuted(variables, members, perm, n):
+  """``variables`` with the n neurons of every member permuted (edited in NumPy: no per-op compilation)."""
   flat = dict(flatten(variables))
   for m in members:
-    x = m.neurons_first(flat[m.path])
-    seg = x[m.offset:m.offset + n][perm]
-    flat[m.path] = m.restore(x.at[m.offset:m.offset + n].set(seg))
+    x = np.array(m.neurons_first(np.asarray(flat[m.path])))
+    x[m.offset:m.offset + n] = x[m.offset:m.offset + n][perm]
+    flat[m.path] = m.restore(x)
   return unflatten(flat)
 
 
 def _scaled(variables, factors):
   flat = dict(flatten(variables))
   for m, f in factors:
-    x = m.neurons_first(flat[m.path])
-    flat[m.path] = m.restore(x.at[m.offset].multiply(f))
+    x = np.array(m.neurons_first(np.asarray(flat[m.path])))
+    x[m.offset] *= f
+    flat[m.path] = m.restore(x)
   return unflatten(flat)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -39,6 +40,26 @@ class Transport(NamedTuple):
   iterations: jax.Array
 
 
+def check_p(p) -> float:
+  """``p`` of the p-norm cost as a float; ValueError unless it is a real number with 0 < p <= inf."""
+  if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= math.inf:
+    raise ValueError(f"p must be a number with 0 < p <= inf (the cost is the distance ||x - y||_p; p = inf: the "
+                     f"largest difference), got {p!r}")
+  return float(p)
+
+
+def check_sinkhorn(epsilon, threshold, max_iterations) -> None:
+  """ValueError unless ``epsilon`` and ``threshold`` are finite and > 0 and ``max_iterations`` is a positive int.
+
+  A negative epsilon would make Sinkhorn maximise the cost (and still report convergence); zero divides by zero.
+  """
+  for name, v in (("epsilon", epsilon), ("threshold", threshold)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+      raise ValueError(f"Sinkhorn {name} must be a finite number > 0, got {v!r}")
+  if isinstance(max_iterations, bool) or not isinstance(max_iterations, numbers.Integral) or max_iterations < 1:
+    raise ValueError(f"Sinkhorn max_iterations must be a positive int, got {max_iterations!r}")
+
+
 def normalize_rows(x: jax.Array) -> jax.Array:
   """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN). NumPy in, NumPy out."""
   xp = array_module(x)
@@ -52,7 +73,9 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
   Evaluated from differences, so identical rows are exactly 0 apart for every p, and never as an
   (n, m, d) array: SciPy's ``cdist`` on the host for small NumPy inputs (n * m * d <= 2^22, no
   compilation), else one jit-compiled kernel over (64 rows x 256 features) tiles (jit-able).
+  ``p``: 0 < p <= inf.
   """
+  p = check_p(p)
   if array_module(x, y) is np:
     x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     if x.shape[0] * y.shape[0] * x.shape[1] <= _HOST_COST_ELEMENTS:
@@ -138,6 +161,7 @@ def solve_sinkhorn(problems: Sequence[tuple[jax.Array, jax.Array, jax.Array]], *
   cost. Problems are padded with zero-mass points to power-of-two buckets and
   each bucket is solved in one vmapped call (one compilation per bucket shape).
   """
+  check_sinkhorn(epsilon, threshold, max_iterations)
   buckets: dict[tuple[int, int], list[int]] = {}
   for i, (c, _, _) in enumerate(problems):
     n, m = c.shape

@@ -22,6 +22,7 @@ import re
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -130,6 +131,24 @@ def _cached(src: Path, key: str, make: Callable[[], tuple[np.ndarray, np.ndarray
   return arrays
 
 
+def _open_zip(path: Path) -> zipfile.ZipFile:
+  """``zipfile.ZipFile(path)``; a file that is not a readable zip raises ValueError naming it."""
+  try:
+    return zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError) as e:
+    raise ValueError(f"{path} is not a readable zip file ({type(e).__name__}: {e}); replace it with a fresh copy "
+                     "(see README.md of the data directory)") from e
+
+
+def _read_member(zf: zipfile.ZipFile, name: str) -> bytes:
+  """The bytes of member ``name``; a corrupt member (bad CRC, truncated data) raises ValueError naming it."""
+  try:
+    return zf.read(name)
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    raise ValueError(f"{zf.filename}: member {name!r} is corrupt ({type(e).__name__}: {e}); replace the zip file "
+                     "with a fresh copy (see README.md of the data directory)") from e
+
+
 def _decode(data: bytes, what: str):
   """Pillow image of encoded bytes, converted to RGB."""
   from PIL import Image, UnidentifiedImageError
@@ -145,7 +164,7 @@ def _decode_jpegs(zf: zipfile.ZipFile, names: list[str], shape: tuple[int, int, 
   """uint8 (len(names), *shape): the JPEG members ``names``, each of shape ``shape``."""
   out = np.empty((len(names), *shape), np.uint8)
   for i, name in enumerate(names):
-    a = np.asarray(_decode(zf.read(name), f"{zf.filename}:{name}"))
+    a = np.asarray(_decode(_read_member(zf, name), f"{zf.filename}:{name}"))
     if a.shape != shape:
       raise ValueError(f"{zf.filename}:{name} decodes to shape {a.shape}, expected {shape}")
     out[i] = a
@@ -170,7 +189,7 @@ def cifar10_jpeg(split: str = "test", limit: int | None = None) -> tuple[np.ndar
   path = _require("cifar10-jpeg.zip")
 
   def load(per: int):
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
       by_class: dict[str, list[str]] = {}
       for n in sorted(zf.namelist()):
         if n.startswith(f"{split}/") and n.endswith(".jpg"):
@@ -274,7 +293,7 @@ def imagenet_sample(limit: int | None = None, size: int = 224, resize: int = 256
   path = _require("imagenet-sample.zip")
 
   def load(count: int):
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path) as zf:
       names = sorted(n for n in zf.namelist() if n.endswith(".JPEG"))
       wnids = sorted({n.split("_")[0] for n in names})
       if len(wnids) != 1000:
@@ -283,7 +302,7 @@ def imagenet_sample(limit: int | None = None, size: int = 224, resize: int = 256
       names = names[:count]
       images = np.empty((len(names), size, size, 3), np.uint8)
       for i, name in enumerate(names):
-        images[i] = _resize_crop(_decode(zf.read(name), f"{path}:{name}"), size, resize)
+        images[i] = _resize_crop(_decode(_read_member(zf, name), f"{path}:{name}"), size, resize)
       return images, np.array([index[n.split("_")[0]] for n in names], np.int32)
 
   if limit is None:
@@ -291,36 +310,64 @@ def imagenet_sample(limit: int | None = None, size: int = 224, resize: int = 256
   return load(limit)
 
 
-def preprocess(model: str, images) -> np.ndarray:
-  """float32 (N, H, W, C) input for ``model``: ``(images / 255 - mean) / std``.
+def preprocess(model: str | None, images, *, mean=None, std=None, scale: float = 255.0) -> np.ndarray:
+  """float32 (N, H, W, C) input for ``model``: ``(images / scale - mean) / std``.
 
-  ``model`` is a zoo name of :data:`MODEL_PREPROCESS` or a key of :data:`PREPROCESS`; ``images``
-  are uint8 (or float in [0, 255]) NHWC of the model's shape.
+  ``model`` is a zoo name of :data:`MODEL_PREPROCESS` or a key of :data:`PREPROCESS` (its image shape is
+  checked and it gives the default ``mean`` and ``std``), or None (any NHWC shape; mean 0, std 1). ``images``
+  are uint8 (or float in [0, 255]) NHWC. ``mean`` and ``std``: one value or one per channel, overriding the
+  model's. ``scale``: the divisor of the raw pixels, 255 by default; a model that takes raw 0-255 pixels
+  uses ``scale=1`` (with ``mean=0, std=1``, or its own constants in pixel units).
+
+  >>> preprocess(None, np.full((1, 2, 2, 3), 255, np.uint8), scale=1)[0, 0, 0].tolist()
+  [255.0, 255.0, 255.0]
   """
-  cfg = _config(model)
   x = np.asarray(images)
-  kind = "RGB" if cfg["shape"][-1] == 3 else "greyscale"
-  expected = f"(N, {', '.join(map(str, cfg['shape']))}) (NHWC, uint8 {kind})"
-  if x.ndim != 4 or x.shape[1:] != tuple(cfg["shape"]):
-    raise ValueError(f"{model} expects images of shape {expected}, got {x.shape}")
+  if model is None:
+    name, cfg = "the model", {"mean": (0.0,), "std": (1.0,)}
+    if x.ndim != 4:
+      raise ValueError(f"expected images of shape (N, H, W, C) (NHWC), got {x.shape}")
+  else:
+    name, cfg = model, _config(model)
+    kind = "RGB" if cfg["shape"][-1] == 3 else "greyscale"
+    expected = f"(N, {', '.join(map(str, cfg['shape']))}) (NHWC, uint8 {kind})"
+    if x.ndim != 4 or x.shape[1:] != tuple(cfg["shape"]):
+      raise ValueError(f"{model} expects images of shape {expected}, got {x.shape}")
   if x.dtype != np.uint8:
     if not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"{model} expects uint8 images (or float in [0, 255]), got dtype {x.dtype}")
+      raise ValueError(f"{name} expects uint8 images (or float in [0, 255]), got dtype {x.dtype}")
     if x.size and not (np.all(x >= 0) and np.all(x <= 255)):
-      raise ValueError(f"{model} expects float images in [0, 255], got values in [{x.min()}, {x.max()}]")
-  mean, std = (np.asarray(cfg[k], np.float32) for k in ("mean", "std"))
-  return ((x.astype(np.float32) / np.float32(255) - mean) / std).astype(np.float32)
+      raise ValueError(f"{name} expects float images in [0, 255], got values in [{x.min()}, {x.max()}]")
+  mean, std = (v.astype(np.float32) for v in _constants(cfg, mean, std, x.shape[-1]))
+  if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not 0 < scale < np.inf:
+    raise ValueError(f"scale must be a finite number > 0 (images are divided by it), got {scale!r}")
+  return ((x.astype(np.float32) / np.float32(scale) - mean) / std).astype(np.float32)
 
 
-def black_pixel(model: str) -> tuple[float, ...]:
-  """What :func:`preprocess` makes of a black pixel, ``-mean / std`` per channel: the padding value that
-  matches torchvision's zero padding of raw images (e.g. ``ifjax.train.flip_crop(4, fill=black_pixel(m))``).
+def black_pixel(model: str, *, mean=None, std=None) -> tuple[float, ...]:
+  """What :func:`preprocess` makes of a black pixel, ``-mean / std`` per channel (``mean``, ``std``: as
+  there): the padding value that matches torchvision's zero padding of raw images (e.g.
+  ``ifjax.train.flip_crop(4, fill=black_pixel(m))``).
 
   >>> [round(v, 3) for v in black_pixel("resnet20")]
   [-2.118, -2.036, -1.804]
   """
   cfg = _config(model)
-  return tuple((-np.asarray(cfg["mean"]) / np.asarray(cfg["std"])).tolist())
+  mean, std = _constants(cfg, mean, std, cfg["shape"][-1])
+  return tuple((-mean / std).tolist())
+
+
+def _constants(cfg: dict, mean, std, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """``mean`` and ``std`` (given, else the model's) as float64 vectors of 1 or ``channels`` finite values, std > 0."""
+  out = []
+  for what, given in (("mean", mean), ("std", std)):
+    v = np.asarray(cfg[what] if given is None else given)
+    if v.dtype == bool or not np.issubdtype(v.dtype, np.number) or v.ndim > 1 or v.size not in (1, channels):
+      raise ValueError(f"{what} must be a number or {channels} numbers (one per channel), got {given!r}")
+    if not np.all(np.isfinite(v)) or (what == "std" and np.any(v <= 0)):
+      raise ValueError(f"{what} must be finite{' and > 0' if what == 'std' else ''}, got {given!r}")
+    out.append(v.astype(np.float64).reshape(-1))
+  return out[0], out[1]
 
 
 def _config(model: str) -> dict:

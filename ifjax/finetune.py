@@ -22,7 +22,7 @@ import optax
 
 from ifjax import _importance, train
 from ifjax._fuse import _ratios, apply_plan, kept_count, plan, relative_ratios, step_widths  # noqa: F401 (public here)
-from ifjax._repair import recalibrate_batchnorm
+from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
 from ifjax._spec import Spec, widths as group_widths
 
 Model = str | Callable[[Mapping[str, int]], tuple[Any, Spec]]
@@ -67,7 +67,7 @@ def taylor(module, batches) -> Callable:
 def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float | Mapping[str | int, float],
                        train_data, *, method: str = "if", groups=None, steps: int = 1, epochs_per_step: int = 0,
                        finetune_epochs: int = 0, optimizer=None, importance: Any = "l1", taylor_batches: int = 5,
-                       recalibrate: int = 0, eval_data=None, mesh=None, batch_size: int = 128, augment=None,
+                       recalibrate: int = 0, unfold_bn: bool = True, eval_data=None, mesh=None, batch_size: int = 128, augment=None,
                        seed: int = 0, progress: bool = True, **plan_options) -> PruneResult:
   """Prunes ``groups`` of ``model`` to ``ratio`` in ``steps`` steps, each followed by ``epochs_per_step``
   epochs of fine-tuning, then fine-tunes ``finetune_epochs`` more.
@@ -82,9 +82,13 @@ def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float 
       training batches, recomputed at every step.
     recalibrate: re-estimate the BatchNorm statistics on this many training batches after each pruning
       step (:func:`ifjax.recalibrate_batchnorm`; data-light); 0 = off (the paper's setting).
+    unfold_bn: before each fine-tuning phase (and without ``recalibrate``), give the folded BNs estimated
+      statistics (:func:`ifjax.unfold_batchnorm`, data-free; the pruned model's function is unchanged), so
+      that training-mode BN starts near the pruned model instead of renormalising its folded channels.
     optimizer: as for :func:`ifjax.train.fit`; default the paper's fine-tuning SGD (lr 0.01).
     eval_data: evaluated after each pruning step and each epoch.
-    The remaining arguments go to :func:`ifjax.train.fit`.
+
+  The remaining arguments go to :func:`ifjax.train.fit`.
   """
   if method not in ("if", "default"):
     raise ValueError(f"method must be 'if' or 'default', got {method!r}")
@@ -107,14 +111,16 @@ def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float 
     pruned = apply_plan(current, spec, pl)
     new_widths = group_widths(current, spec, pl)
     new_module, new_spec = build(new_widths)
+    epochs = epochs_per_step + (finetune_epochs if i == len(targets) else 0)
     if recalibrate:
       calib = [x for x, _ in _sample(images, labels, recalibrate, batch_size, seed + i)]
       pruned = recalibrate_batchnorm(new_module.apply, pruned, current, spec, pl, calib)
+    elif unfold_bn and epochs:
+      pruned = unfold_batchnorm(pruned, current, spec, pl)
     module, spec, current = new_module, new_spec, pruned
     entry = {"step": i, "widths": {g: new_widths[g] for g in ratios}}
     if eval_data is not None:
       entry["accuracy_pruned"] = train.evaluate(module, current, eval_data, mesh)
-    epochs = epochs_per_step + (finetune_epochs if i == len(targets) else 0)
     if epochs:
       current, entry["epochs"] = train.fit(module, current, train_data, epochs=epochs, optimizer=optimizer, mesh=mesh,
                                            eval_data=eval_data, progress=progress, batch_size=batch_size,

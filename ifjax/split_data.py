@@ -96,8 +96,9 @@ def train_models(module, variables: Sequence[Mapping[str, Any]], datasets: Seque
 
 def _fuse(spec, module, models: Sequence[Mapping[str, Any]], fusion: str, samples: np.ndarray | None):
   if fusion == "activations":
-    return fuse_models(list(models), spec, mode="activations", apply_fn=module.apply, batches=[samples])
-  return fuse_models(list(models), spec, mode="weights")
+    return fuse_models(list(models), spec, mode="activations", apply_fn=module.apply, batches=[samples],
+                       unfold_bn=True)
+  return fuse_models(list(models), spec, mode="weights", unfold_bn=True)
 
 
 def _evaluate(module, variables, eval_data, mesh):

@@ -4,8 +4,24 @@ import jax
 import numpy as np
 import pytest
 
+from ifjax import data, models
+
 # Every test runs with JAX's default 32-bit types; ifjax computes in float32.
 jax.config.update("jax_enable_x64", False)
+
+
+def pytest_runtest_setup(item):
+  """Skip a test marked ``requires_data(*paths, models=(...))`` when a file it names is missing.
+
+  ``paths`` are relative to :func:`ifjax.data.data_dir`; ``models`` are names for :func:`ifjax.models.pretrained`.
+  """
+  for mark in item.iter_markers("requires_data"):
+    root = data.data_dir()
+    wanted = [root / rel for rel in mark.args] + [models.checkpoint_path(m) for m in mark.kwargs.get("models", ())]
+    missing = [str(p) for p in wanted or [root] if not p.exists()]
+    if missing:
+      pytest.skip(f"{', '.join(missing)} not found: put the shared data in {root} or set IFJAX_DATA to the folder "
+                  "holding it (see ../shared/data/README.md)")
 
 
 @pytest.fixture
@@ -23,3 +39,18 @@ def rel_err():
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
   return fn
+
+
+@pytest.fixture(scope="session")
+def coverage_models():
+  """``tests/coverage_models.py`` (the models of the README coverage table) as a module: ``build(name)``, ``CASES``."""
+  import importlib.util
+  import pathlib
+  import sys
+
+  if "coverage_models" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("coverage_models", pathlib.Path(__file__).with_name("coverage_models.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["coverage_models"] = module  # before exec: flax dataclasses look their module up
+    spec.loader.exec_module(module)
+  return sys.modules["coverage_models"]

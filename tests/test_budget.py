@@ -62,7 +62,7 @@ def _mlp_params(a, b):
   return 20 * a + a + a * b + b + b * 10 + 10
 
 
-@pytest.mark.parametrize("method", ["uniform", "global"])
+@pytest.mark.parametrize("method", ["uniform", "global", "sensitivity"])
 @pytest.mark.parametrize("fraction", [0.2, 0.45, 0.8])
 def test_allocate_meets_a_parameter_budget_to_one_neuron_per_group(mlp, method, fraction):
   _, spec, v = mlp
@@ -81,17 +81,23 @@ def test_allocate_meets_a_parameter_budget_to_one_neuron_per_group(mlp, method, 
     assert abs(a / 128 - b / 64) <= 1 / 64
 
 
-def test_allocate_flops_protect_and_errors(mlp):
+@pytest.mark.parametrize("method", ["uniform", "sensitivity"])
+def test_allocate_flops_protect_and_errors(mlp, method):
   module, spec, v = mlp
   x = jnp.ones((1, 20))
   rebuild = lambda w: ifjax.models.get("mlp", widths=w)[0].apply
-  alloc = ifjax.allocate(v, spec, target_flops=0.5, rebuild=rebuild, example_args=(x,), protect=["dense1"])
+  alloc = ifjax.allocate(v, spec, target_flops=0.5, rebuild=rebuild, example_args=(x,), protect=["dense1"], method=method)
   assert set(alloc.ratios) == {"dense0"} and alloc.kept["dense0"] < 128
   small = ifjax.prune(v, spec, alloc.ratios)
   small_module, _ = ifjax.models.get("mlp", widths=ifjax.widths(small, spec))
   assert ifjax.flops(small_module.apply, small, x) == alloc.cost <= 0.5 * alloc.dense_cost
+  one_more, _ = ifjax.models.get("mlp", widths={"dense0": alloc.kept["dense0"] + 1})
+  grown = jax.eval_shape(one_more.init, jax.random.key(0), x)
+  assert ifjax.flops(one_more.apply, grown, x) > 0.5 * alloc.dense_cost  # one more neuron would not fit
   with pytest.raises(ValueError, match="below what the network costs with one neuron per selected group"):
-    ifjax.allocate(v, spec, target_params=0.01, protect=["dense1"])
+    ifjax.allocate(v, spec, target_params=0.01, protect=["dense1"], method=method)
+  with pytest.raises(ValueError, match="method must be"):
+    ifjax.allocate(v, spec, target_params=0.5, method="lamp")
   with pytest.raises(ValueError, match="exactly one of"):
     ifjax.allocate(v, spec)
   with pytest.raises(ValueError, match="needs rebuild"):
@@ -123,3 +129,52 @@ def test_iterative_fuse_in_four_steps_reaches_the_one_shot_widths():
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(it), jax.tree.leaves(shot)))  # another path
   small, _ = ifjax.models.get("resnet20", widths=w)
   assert np.isfinite(np.asarray(small.apply(it, x, train=False))).all()
+
+
+class BnMLP(nn.Module):
+  """x (d) -> fc1 -> bn1 -> relu (the group "h", 6 neurons) -> fc2 -> bn2 (5 outputs)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(nn.Dense(6, name="fc1")(x)))
+    return nn.BatchNorm(use_running_average=True, name="bn2")(nn.Dense(5, use_bias=False, name="fc2")(h))
+
+
+BN_SPEC = ifjax.Spec((ifjax.Group("h", [("params/fc1/kernel", 1), ("params/fc1/bias", 0)], [("params/fc2/kernel", 0)]),),
+                     (("fc1", "bn1"), ("fc2", "bn2")))
+
+
+def test_bn_sensitivity_is_the_expected_output_change_of_removing_a_neuron():
+  """With Gaussian inputs and running statistics that are the true pre-BN moments, s_j equals the Monte-Carlo mean
+  of ||bn2(fc2(h)) - bn2(fc2(h with neuron j zeroed))||^2: the BN statistics alone give it, no data."""
+  d, n = 8, 100_000
+  model = BnMLP()
+  rng = np.random.default_rng(0)
+  v = flax.core.unfreeze(model.init(jax.random.key(0), jnp.ones((1, d))))
+  w1, b1 = np.asarray(v["params"]["fc1"]["kernel"]), rng.normal(size=6).astype(np.float32)
+  v["params"]["fc1"]["bias"] = jnp.asarray(b1)
+  v["batch_stats"]["bn1"] = {"mean": jnp.asarray(b1), "var": jnp.asarray((w1**2).sum(0))}  # x ~ N(0, I)
+  v["params"]["bn1"] = {"scale": jnp.asarray(rng.normal(size=6), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=6), jnp.float32)}
+  v["batch_stats"]["bn2"] = {"mean": jnp.zeros(5), "var": jnp.asarray(rng.uniform(0.5, 2, 5), jnp.float32)}
+  sens = ifjax.bn_sensitivity(v, BN_SPEC)["h"]
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  full = model.apply(v, x)
+  for j in range(6):
+    cut = jax.tree.map(lambda a: a, v)
+    cut["params"]["fc2"]["kernel"] = v["params"]["fc2"]["kernel"].at[j].set(0.0)
+    mc = float(jnp.mean(jnp.sum((full - model.apply(cut, x)) ** 2, axis=1)))
+    np.testing.assert_allclose(sens[j], mc, rtol=0.03, atol=1e-6)
+
+
+def test_sensitivity_allocation_cuts_the_cheap_insensitive_group_first():
+  """dense1's neurons barely reach the head: the sensitivity allocation takes the whole saving from them and
+  leaves dense0 whole, where the uniform one cuts both."""
+  module, spec = ifjax.models.get("mlp")
+  v = flax.core.unfreeze(module.init(jax.random.key(0), jnp.ones((1, 20))))
+  v["params"]["head"]["kernel"] = v["params"]["head"]["kernel"] * 1e-3  # dense1's neurons hardly matter
+  alloc = ifjax.allocate(v, spec, target_params=0.6, method="sensitivity")
+  assert alloc.kept["dense0"] == 128 and alloc.kept["dense1"] < 64
+  assert alloc.cost <= 0.6 * alloc.dense_cost < _mlp_params(128, alloc.kept["dense1"] + 1)
+  uniform = ifjax.allocate(v, spec, target_params=0.6)
+  assert uniform.kept["dense0"] < 128

@@ -28,9 +28,8 @@ def test_method_names():
       df.method_options(bad)
 
 
+@pytest.mark.requires_data(models=("lenet5",))
 def test_grid_writes_results_and_resumes(tmp_path, capsys):
-  if not ifjax.models.checkpoint_path("lenet5").is_file():
-    pytest.skip("LeNet5 checkpoint not found; set IFJAX_DATA (see ../shared/data/README.md)")
   df = _script("data_free")
   argv = ["--model", "lenet5", "--groups", "0", "--sparsities", "0.5", "--limit", "300", "--out", str(tmp_path)]
   df.main(argv)
@@ -52,13 +51,8 @@ def test_grid_writes_results_and_resumes(tmp_path, capsys):
     assert len(list(csv.DictReader(f))) == len(rows)
 
 
-def _need_cifar():
-  if not (ifjax.data.data_dir() / "cifar10-jpeg.zip").is_file() or not ifjax.models.checkpoint_path("resnet20").is_file():
-    pytest.skip("CIFAR-10 JPEG zip or ResNet20 checkpoint not found; set IFJAX_DATA (see ../shared/data/README.md)")
-
-
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
 def test_fine_tune_writes_results_and_resumes(tmp_path, capsys):
-  _need_cifar()
   ft = _script("fine_tune")
   argv = ["--model", "resnet20", "--sparsities", "0.3", "--epochs", "1", "--train-limit", "260", "--test-limit", "200",
           "--out", str(tmp_path)]
@@ -73,8 +67,8 @@ def test_fine_tune_writes_results_and_resumes(tmp_path, capsys):
     assert len(list(csv.DictReader(f))) == 4
 
 
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
 def test_train_save_then_data_free_grid(tmp_path):
-  _need_cifar()
   tc, df = _script("train_cifar"), _script("data_free")
   tc.main(["--model", "resnet20", "--epochs", "1", "--train-limit", "260", "--test-limit", "100",
            "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "final")])
@@ -88,13 +82,8 @@ def test_train_save_then_data_free_grid(tmp_path):
   assert len(rows) == 1 + 2 * 2
 
 
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
 def test_budget_script_meets_the_flop_budget(tmp_path):
-  if not ifjax.models.checkpoint_path("resnet20").is_file():
-    pytest.skip("ResNet20 checkpoint not found; set IFJAX_DATA (see ../shared/data/README.md)")
-  try:
-    ifjax.data.cifar10_jpeg("test", limit=100)
-  except ifjax.data.DataMissingError as e:
-    pytest.skip(str(e))
   _script("budget").main(["--model", "resnet20", "--flops", "0.6", "--allocations", "uniform-internal", "global",
                           "--limit", "100", "--out", str(tmp_path)])
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))

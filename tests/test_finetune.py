@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import ifjax
 from ifjax import finetune
+from ifjax._repair import _batch_statistics
 
 
 @given(st.integers(2, 600), st.floats(0.0, 0.95), st.integers(1, 6))
@@ -94,3 +95,46 @@ def test_recalibrate_restores_batchnorm_statistics():
   mean_plain = np.asarray(plain.variables["batch_stats"]["layer2_0"]["bn1"]["mean"])
   mean_fixed = np.asarray(fixed.variables["batch_stats"]["layer2_0"]["bn1"]["mean"])
   assert np.allclose(mean_plain, 0) and not np.allclose(mean_fixed, 0)
+
+
+def test_unfold_batchnorm_keeps_the_function_and_matches_training_mode():
+  """unfold_batchnorm changes nothing in eval mode, and in training mode (batch statistics) the unfolded model
+  is closer to its eval-mode self than the folded one; with nothing pruned, train-mode BN on the data the
+  statistics came from reproduces the original train-mode outputs."""
+  module, spec = ifjax.models.get("resnet20")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(256, 32, 32, 3)).astype(np.float32)
+  variables = module.init(jax.random.key(0), x[:1])
+  stats = _batch_statistics(module.apply, variables, [x])  # the running statistics are those of x
+  flat = {**ifjax._spec.flatten(variables), **stats}
+  variables = ifjax._spec.unflatten(flat)
+  train_mode = lambda m, v: m.apply(v, x, train=True, mutable=["batch_stats"])[0]
+  for ratio in (0.0, 0.3):
+    pl = ifjax.plan(variables, spec, ratio, groups=[g.name for g in spec.groups if not g.name.startswith("stream")])
+    folded = ifjax.apply_plan(variables, spec, pl)
+    unfolded = ifjax.unfold_batchnorm(folded, variables, spec, pl)
+    small, _ = ifjax.models.get("resnet20", widths=ifjax.widths(folded, spec))
+    a, b = small.apply(folded, x), small.apply(unfolded, x)
+    assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(a))  # eval mode: the same function
+    gap = lambda v: float(np.mean(np.abs(train_mode(small, v) - small.apply(v, x))))
+    assert gap(unfolded) < (0.01 if ratio == 0 else 0.6) * gap(folded)  # random init: 0.29 vs 0.75 at 0.3
+    if ratio == 0.0:
+      ref = train_mode(module, variables)
+      assert np.max(np.abs(train_mode(small, unfolded) - ref)) <= 1e-3 * np.max(np.abs(ref))
+
+
+def test_fine_tuning_starts_from_unfolded_batchnorms(mlp):
+  """prune_and_finetune unfolds BNs before fine-tuning (default) and not without epochs (then it is
+  exactly intra_fuse, tested above); unfold_bn=False keeps the folded identities."""
+  module, spec = ifjax.models.get("resnet20")
+  rng = np.random.default_rng(0)
+  data = (rng.normal(size=(64, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 64).astype(np.int32))
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  sgd0 = optax.sgd(0.0)  # no weight change: the BN statistics are what fine-tuning started from, moved by 2 steps
+  runs = {u: finetune.prune_and_finetune("resnet20", variables, {"layer2_0/conv1": 0.5}, data, finetune_epochs=1,
+                                         optimizer=sgd0, batch_size=32, unfold_bn=u, progress=False)
+          for u in (True, False)}
+  var = lambda r: np.asarray(r.variables["batch_stats"]["layer2_0"]["bn1"]["var"])
+  scale = lambda r: np.asarray(r.variables["params"]["layer2_0"]["bn1"]["scale"])
+  assert np.allclose(scale(runs[False]), 1.0) and not np.allclose(scale(runs[True]), 1.0)
+  assert not np.allclose(var(runs[True]), var(runs[False]))

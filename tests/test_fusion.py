@@ -210,6 +210,23 @@ def test_ratio_zero_is_identity(rng):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out, v)
 
 
+def test_group_plan_sizes(rng):
+  """``GroupPlan.n`` / ``.m``: the neuron counts before and after, for pruning, fusion and centroids (no
+  ``keep``), and static under ``jit``."""
+  v, spec = mlp_variables(rng, [7, 12, 5]), mlp_spec(2)
+  for options in (dict(fuse=False), dict(), dict(target="cluster_centroid")):
+    gp = ifjax.plan(v, spec, 0.3, **options)["h0"]
+    assert (gp.n, gp.m) == (12, ifjax.kept_count(12, 0.3)) == (12, 8), options
+  seen = []
+
+  def traced(v):
+    gp = ifjax.plan(v, spec, 0.5, solver="sinkhorn")["h0"]
+    seen.append((gp.n, gp.m))
+    return gp.producer_map
+
+  assert jax.jit(traced)(v).shape == (6, 12) and seen == [(12, 6)]
+
+
 # -- 2. duplicate neurons: barycentric fusion preserves the function --------------------
 def _pairs(rng, k):
   """A random placement of k duplicate pairs on 2k neurons: (perm, pair id per neuron)."""

@@ -185,3 +185,19 @@ def test_bad_inputs_are_refused_with_the_problem_named():
     ifjax.fuse_models([v, v], spec, mode="gradients")
   with pytest.raises(ValueError, match="solver must be one of"):
     ifjax.fuse_models([v, v], spec, solver="greedy")
+
+
+def test_unfold_bn_gives_the_fused_model_the_aligned_statistics():
+  """unfold_bn=True: the same eval-mode function, and for a permuted copy the fused BNs carry exactly the
+  original model's (folded) input statistics, so training mode starts from the fused function."""
+  from ifjax._batchnorm import input_statistics
+  module, spec, v, x = _vgg()
+  pv = permute_groups(v, spec, seed=1)
+  fused = ifjax.fuse_models([v, pv], spec, unfold_bn=True)
+  ref = module.apply(v, x, train=False)
+  assert _max_rel(module.apply(fused, x, train=False), ref) < 1e-5
+  flat, stats = flatten(fused), input_statistics(v, spec)
+  assert stats and all(p in flat for p in stats)
+  for p, s in stats.items():
+    want = np.square(s) if p.endswith("/var") else s
+    np.testing.assert_allclose(np.asarray(flat[p]), want, rtol=1e-5, atol=1e-6, err_msg=p)

@@ -20,38 +20,26 @@ REFERENCE = {
 }
 
 
-def _pretrained(name):
-  path = ifjax.models.checkpoint_path(name)
-  if not path.is_file():
-    pytest.skip(f"{path} not found: put the shared data there or set IFJAX_DATA (see ../shared/data/README.md)")
-  return ifjax.models.pretrained(name)
-
-
-def _data(reader, *args, **kwargs):
-  try:
-    return reader(*args, **kwargs)
-  except data.DataMissingError as e:
-    pytest.skip(str(e))
-
-
 def _accuracy(module, variables, x, y, batch=1000):
   predict = jax.jit(lambda v, xb: module.apply(v, xb).argmax(-1))
   return 100.0 * sum(int((np.asarray(predict(variables, xb)) == yb).sum()) for xb, yb in data.batches(x, y, batch)) / len(y)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+@pytest.mark.requires_data("cifar10-lossless-test20", models=("resnet20", "resnet56"))
 def test_cifar_resnet_reference_logits_and_lossless_images(name):
-  module, spec, v = _pretrained(name)
-  x, y = _data(data.cifar10_lossless)
+  module, spec, v = ifjax.models.pretrained(name)
+  x, y = data.cifar10_lossless()
   logits = np.asarray(module.apply(v, data.preprocess(name, x)))
   np.testing.assert_allclose(logits[0], REFERENCE[name], atol=2e-3)
   assert (logits.argmax(-1) == y).sum() == 20
   spec.validate(v)
 
 
+@pytest.mark.requires_data("mnist", models=("lenet5",))
 def test_lenet5_reference_logits_and_mnist_accuracy():
-  module, spec, v = _pretrained("lenet5")
-  x, y = _data(data.mnist_test)
+  module, spec, v = ifjax.models.pretrained("lenet5")
+  x, y = data.mnist_test()
   x = data.preprocess("lenet5", x)
   np.testing.assert_allclose(np.asarray(module.apply(v, x[:1]))[0], REFERENCE["lenet5"], atol=2e-3)
   assert abs(_accuracy(module, v, x, y) - 98.9) <= 0.2
@@ -59,17 +47,19 @@ def test_lenet5_reference_logits_and_mnist_accuracy():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,target", [("resnet20", 81.0), ("resnet56", 83.2)])
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20", "resnet56"))
 def test_cifar_resnet_accuracy_on_the_jpeg_test_set(name, target):
-  module, _, v = _pretrained(name)
-  x, y = _data(data.cifar10_jpeg, "test")
+  module, _, v = ifjax.models.pretrained(name)
+  x, y = data.cifar10_jpeg("test")
   assert abs(_accuracy(module, v, data.preprocess(name, x), y) - target) <= 0.3
 
 
+@pytest.mark.requires_data("cifar10-lossless-test20", models=("resnet20",))
 def test_fusion_of_a_real_model_keeps_the_lossless_images():
   """Intra-Fusion of one internal group of the real ResNet20 at 30% still classifies most of the 20 images,
   and the folded dense model is the same function as the original."""
-  module, spec, v = _pretrained("resnet20")
-  x, y = _data(data.cifar10_lossless)
+  module, spec, v = ifjax.models.pretrained("resnet20")
+  x, y = data.cifar10_lossless()
   x = data.preprocess("resnet20", x)
   np.testing.assert_allclose(module.apply(ifjax.fold_batchnorm(v, spec), x), module.apply(v, x), atol=1e-3)
   pl = ifjax.plan(v, spec, 0.3, groups=["layer3_2/conv1"])
@@ -78,8 +68,8 @@ def test_fusion_of_a_real_model_keeps_the_lossless_images():
   assert (np.asarray(logits).argmax(-1) == y).sum() >= 18
 
 
+@pytest.mark.requires_data(models=("resnet20", "lenet5"))
 def test_checkpoint_of_another_architecture_lists_the_differences():
-  _pretrained("resnet20")
   with pytest.raises(CheckpointMismatchError) as e:
     ifjax.models.pretrained("resnet56", ifjax.models.checkpoint_path("resnet20"))
   assert "layer1.3.conv1.weight" in e.value.missing and "180 key(s) missing" in str(e.value)
@@ -88,6 +78,7 @@ def test_checkpoint_of_another_architecture_lists_the_differences():
   assert "unexpected" in str(e.value) and "linear1.weight" in str(e.value)
 
 
+@pytest.mark.requires_data(models=("resnet20",))
 def test_missing_or_corrupt_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setenv("IFJAX_DATA", str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"resnet20-12fca82f\.th.*IFJAX_DATA"):
@@ -95,8 +86,6 @@ def test_missing_or_corrupt_checkpoint(tmp_path, monkeypatch):
   src = ifjax.models.checkpoint_path("resnet20")
   monkeypatch.delenv("IFJAX_DATA")
   real = ifjax.models.checkpoint_path("resnet20")
-  if not real.is_file():
-    pytest.skip(f"{real} not found")
   src.parent.mkdir(parents=True)
   src.write_bytes(real.read_bytes()[:50_000])
   with pytest.raises(CheckpointError, match="truncated"):
@@ -115,9 +104,10 @@ PINNED_RESNET20_CELLS = [
 ]
 
 
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
 def test_resnet20_grid_cells_are_pinned():
-  module, spec, v = _pretrained("resnet20")
-  x, y = _data(data.cifar10_jpeg, "test", limit=2000)
+  module, spec, v = ifjax.models.pretrained("resnet20")
+  x, y = data.cifar10_jpeg("test", limit=2000)
   x = data.preprocess("resnet20", x)
   predict = jax.jit(lambda v, xb: module.apply(v, xb).argmax(-1))
   for group, s, options, expected in PINNED_RESNET20_CELLS:

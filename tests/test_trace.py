@@ -190,7 +190,8 @@ def test_unknown_primitive_is_an_error_naming_it():
     ifjax.trace_spec(f, v, jnp.ones((1, 3)))
 
 
-def test_bn_after_activation_cannot_be_folded():
+def test_bn_after_activation_is_kept_as_members():
+  """A BN that does not directly follow a layer cannot be folded: its arrays are per-channel members."""
 
   class PreAct(nn.Module):
 
@@ -199,9 +200,11 @@ def test_bn_after_activation_cannot_be_folded():
       x = nn.BatchNorm(use_running_average=True, name="bn")(nn.relu(nn.Dense(4, name="a")(x)))
       return nn.Dense(2, name="b")(x)
 
-  v = PreAct().init(jax.random.key(0), jnp.ones((1, 3)))
-  with pytest.raises(ifjax.UnsupportedPrimitiveError, match="does not directly follow"):
-    ifjax.trace_spec(PreAct().apply, v, jnp.ones((1, 3)))
+  v = _randomized(PreAct().init(jax.random.key(0), jnp.ones((1, 3))))
+  spec = ifjax.trace_spec(PreAct().apply, v, jnp.ones((1, 3)))
+  assert spec.batchnorms == ()
+  assert {("params/bn/scale", 0, 0), ("batch_stats/bn/var", 0, 0)} <= set(_members(spec["a"]))
+  ifjax.check_spec(PreAct().apply, v, spec, jnp.ones((2, 3)))
 
 
 def test_check_spec_names_missing_and_foreign_members():
@@ -228,7 +231,11 @@ def test_trace_then_fuse_equals_hand_spec_on_digits_cnn():
   digits = importlib.util.module_from_spec(mod_spec)
   sys.modules["digits"] = digits
   mod_spec.loader.exec_module(digits)
-  model, hand = digits.DigitsCNN(), digits.digits_spec()
+  consumers = {"conv0": ("params/conv1/kernel", 2), "conv1": ("params/conv2/kernel", 2),
+               "conv2": ("params/fc/kernel", 0)}
+  hand = ifjax.Spec([ifjax.Group(name, [(f"params/{name}/kernel", 3), (f"params/{name}/bias", 0)], [consumer])
+                     for name, consumer in consumers.items()], batchnorms=[(f"conv{i}", f"bn{i}") for i in range(3)])
+  model = digits.DigitsCNN()
   x = jnp.ones((2, 8, 8, 1))
   v = _randomized(model.init(jax.random.key(0), x))
   traced = ifjax.trace_spec(model.apply, v, x)

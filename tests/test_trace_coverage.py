@@ -1,0 +1,193 @@
+"""Tracer coverage on the models of the README table (tests/coverage_models.py): transformers (MLP hidden
+neurons, attention heads, LayerNorm-coupled streams), MLP-Mixer, ConvNeXt, MobileNetV2, a DenseNet block
+(BN and biases after concatenations), a U-Net, ``nn.scan`` and flaxmodels' ResNet18/50, VGG16 and GPT-2.
+
+Per model: the spec traces, ``check_spec`` passes, ``intra_fuse`` shrinks every group, and planted
+exact-duplicate neurons of every exact group, merged with barycentric maps, leave the output unchanged.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import ifjax
+from ifjax._batchnorm import derived_bn
+
+MODELS = ["ViT", "MLP-Mixer", "ConvNeXt", "MobileNetV2", "DenseNet", "U-Net", "scan transformer",
+          "flaxmodels ResNet18", "flaxmodels ResNet50", "flaxmodels VGG16", "flaxmodels GPT-2"]
+
+_SPECS = {}
+
+
+def _traced(coverage_models, name):
+  """(case, spec), traced once per session."""
+  if name not in _SPECS:
+    case = coverage_models.build(name)
+    _SPECS[name] = case, ifjax.trace_spec(case.apply, case.variables, case.x)
+  return _SPECS[name]
+
+
+def _merge_plan(n: int) -> ifjax.GroupPlan:
+  """Neuron 1 fused into neuron 0 (barycentric: producers averaged, consumers summed); the rest kept."""
+  keep = np.array([0, *range(2, n)], np.int32)
+  t = np.zeros((n, n - 1), np.float32)
+  t[keep, np.arange(n - 1)] = 1.0 / n
+  t[1, 0] = 1.0 / n
+  prod, cons = ifjax.transport_maps(t, "barycentric")
+  return ifjax.GroupPlan(keep, np.ones(n, np.float32), t, prod, cons, np.asarray(True), np.asarray(0.0, np.float32),
+                         np.asarray(0))
+
+
+def _planted(variables, spec, groups):
+  """BN-folded ``variables`` in which neuron 1 of each group duplicates neuron 0 on every producer array."""
+  flat = traverse_util.flatten_dict(ifjax.fold_batchnorm(variables, spec), sep="/")
+  flat = {k: np.array(a) for k, a in flat.items()}
+  for g in groups:
+    for m in list(g.producers) + [m for m, _ in derived_bn(spec, g) if m.path in flat]:
+      x = np.array(m.neurons_first(flat[m.path]))
+      x[m.offset + 1] = x[m.offset]
+      flat[m.path] = np.asarray(m.restore(x))
+  return traverse_util.unflatten_dict({k: jnp.asarray(a) for k, a in flat.items()}, sep="/")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_traces_checks_fuses_and_keeps_duplicates(coverage_models, name):
+  case, spec = _traced(coverage_models, name)
+  exact = [g for g in spec.groups if g.exact]
+  assert exact, f"{name}: no exactly fusable group"
+  ifjax.check_spec(case.apply, case.variables, spec, case.x)
+
+  sizes = spec.validate(case.variables)
+  run = jax.jit(case.apply)
+  out = lambda v: np.asarray(run(v, case.x), np.float64)
+  dup = _planted(case.variables, spec, exact)
+  plan = {g.name: _merge_plan(sizes[g.name]) for g in exact if sizes[g.name] > 1}
+  ref = out(dup)
+  err = np.max(np.abs(out(ifjax.apply_plan(dup, spec, plan, keep_shapes=True)) - ref)) / np.max(np.abs(ref))
+  assert err < 1e-4, f"{name}: merging planted duplicates changes the output by {err:.2e} (relative)"
+  # the control: merging neurons that are not duplicates does change it
+  folded = ifjax.fold_batchnorm(case.variables, spec)
+  assert np.max(np.abs(out(ifjax.apply_plan(folded, spec, plan, keep_shapes=True)) - out(folded))) > 1e-3
+
+  # Intra-Fusion of every group (up to 256 neurons: ResNet50's wide groups make the exact OT slow)
+  fuse = [g.name for g in spec.groups if sizes[g.name] <= 256]
+  small = traverse_util.flatten_dict(ifjax.intra_fuse(case.variables, spec, 0.25, groups=fuse), sep="/")
+  axes = [(m.path, m.axis) for g in spec.groups for m in g.members]
+  for g in spec.groups:  # a member alone on its axis has the group's new width there
+    m = next((m for m in g.members if axes.count((m.path, m.axis)) == 1), None)
+    if m is not None and sizes[g.name] >= 4 and g.name in fuse:
+      width = np.shape(small[m.path])[m.axis] // (m.outer * m.inner)
+      assert width == ifjax.kept_count(sizes[g.name], 0.25), (g.name, m)
+
+
+def _names(spec):
+  return {g.name: g.exact for g in spec.groups}
+
+
+def test_vit_groups_heads_mlp_and_stream(coverage_models):
+  case, spec = _traced(coverage_models, "ViT")
+  kinds = _names(spec)
+  for b in ("block0", "block1"):
+    assert kinds[f"{b}/mlp/fc1"] and kinds[f"{b}/attn/query:heads"] and kinds[f"{b}/attn/value:head_dim"]
+    assert not kinds[f"{b}/attn/query:head_dim"]  # query and key dims: contracted together, pruning only
+  assert kinds["embed"] is False  # the LayerNorm-coupled residual stream
+  heads = spec["block0/attn/query:heads"]
+  assert {(m.path, m.axis) for m in heads.members} >= {
+      ("params/block0/attn/query/kernel", 1), ("params/block0/attn/key/kernel", 1),
+      ("params/block0/attn/value/kernel", 1), ("params/block0/attn/out/kernel", 0)}
+  stream = spec["embed"]
+  paths = {m.path for m in stream.producers}
+  assert {"params/cls", "params/pos", "params/block0/ln1/scale", "params/norm/bias"} <= paths
+  # a pruning-only group is pruned by plan even with fuse=True
+  pl = ifjax.plan(case.variables, spec, 0.25)
+  assert pl["embed"].producer_map is None and pl["block0/mlp/fc1"].producer_map is not None
+  assert ifjax.Spec.from_json(spec.to_json()) == spec
+
+
+def test_gpt2_heads_from_a_fused_qkv_projection(coverage_models):
+  """flaxmodels' GPT-2: one Dense makes q, k and v, split and reshaped into heads."""
+  case, spec = _traced(coverage_models, "flaxmodels GPT-2")
+  heads = spec["transformer/GPT2Block_0/GPT2SelfAttention_0/Dense_0:heads"]
+  qkv = "params/transformer/GPT2Block_0/GPT2SelfAttention_0/Dense_0/kernel"
+  assert heads.exact and heads.size == 4
+  assert sorted(m.offset for m in heads.producers if m.path == qkv) == [0, 4, 8]  # q, k, v heads of 4 dims
+  assert all(m.inner == 4 for m in heads.members)
+  assert not spec["transformer/Embed_0"].exact
+
+
+def test_mixer_token_mixing_is_a_group_and_tokens_stay(coverage_models):
+  case, spec = _traced(coverage_models, "MLP-Mixer")
+  assert _names(spec) == {"block0/token_mlp/fc1": True, "block0/channel_mlp/fc1": True,
+                          "block1/token_mlp/fc1": True, "block1/channel_mlp/fc1": True, "embed": False}
+
+
+def test_densenet_bn_and_bias_after_concatenation(coverage_models):
+  case, spec = _traced(coverage_models, "DenseNet")
+  # trans_bn follows the block's concatenation: one segment member per source group, at its offset
+  segs = sorted((m.offset, g.name) for g in spec.groups for m in g.producers if m.path == "params/trans_bn/scale")
+  assert segs == [(0, "stem"), (8, "layer0/conv"), (12, "layer1/conv"), (16, "layer2/conv")]
+  # the stem's output is read by a concatenation too, so layer0's BN cannot fold into it
+  assert ("batch_stats/layer0/bn/var", 0, 0) in [tuple(m) for m in spec["stem"].producers]
+  # the biased depthwise conv after a concatenation, and the BN after it (folded into the depthwise conv)
+  assert [m.offset for g in spec.groups for m in g.producers if m.path == "params/dw/bias"] == [0, 10]
+  assert spec.batchnorms == (ifjax.BatchNormPair("dw", "final_bn"),)
+
+
+def test_scan_over_stacked_layers(coverage_models):
+  case, spec = _traced(coverage_models, "scan transformer")
+  g = spec["blocks/mlp/fc1"]
+  assert g.exact and ("params/blocks/mlp/fc1/kernel", 2, 0) in [tuple(m) for m in g.producers]  # (layer, in, out)
+  assert ("params/blocks/mlp/fc2/kernel", 1, 0) in [tuple(m) for m in g.consumers]
+  assert not spec["embed"].exact
+
+
+def test_layernorm_fusion_is_not_exact():
+  """Why LayerNorm streams are pruning-only: merging two duplicate channels changes the norm's statistics."""
+
+  class Net(nn.Module):
+    width: int = 6
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name="out")(nn.LayerNorm(name="ln")(nn.Dense(self.width, name="a")(x)))
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+  v = Net().init(jax.random.key(0), x)
+  spec = ifjax.trace_spec(Net().apply, v, x)
+  assert [(g.name, g.exact) for g in spec.groups] == [("a", False)]
+  dup = _planted(v, spec, spec.groups)
+  small = ifjax.apply_plan(dup, spec, {"a": _merge_plan(6)})
+  diff = np.max(np.abs(Net(width=5).apply(small, x) - Net().apply(dup, x)))
+  assert diff > 1e-3  # the 5-channel LayerNorm normalises differently
+
+
+def test_module_called_twice_is_a_clear_error():
+
+  class Twice(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      d = nn.Dense(4, name="shared")
+      return nn.Dense(2, name="out")(nn.relu(d(nn.relu(d(x)))))
+
+  v = Twice().init(jax.random.key(0), jnp.ones((1, 4)))
+  with pytest.raises(ifjax.UnsupportedPrimitiveError, match="module 'shared' is applied more than once"):
+    ifjax.trace_spec(Twice().apply, v, jnp.ones((1, 4)))
+
+
+def test_residual_with_input_data_freezes_channels():
+  """Channels added element-wise to the raw input cannot be permuted (the input's order is fixed)."""
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      y = x + nn.Dense(3, name="a")(nn.relu(nn.Dense(5, name="h")(x)))
+      return nn.Dense(2, name="out")(y)
+
+  x = jnp.ones((2, 3))
+  v = Net().init(jax.random.key(0), x)
+  assert ifjax.trace_spec(Net().apply, v, x).names == ["h"]
