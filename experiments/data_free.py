@@ -25,7 +25,7 @@ the smaller network and needs one compilation for the whole grid.
 from __future__ import annotations
 
 import argparse
-import csv
+import math
 import pathlib
 import sys
 import time
@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 import ifjax
 from ifjax import data
+
+import _report
 
 FIELDS = ["model", "importance", "group", "group_name", "sparsity", "method", "accuracy", "params", "test_images"]
 BASES = {"default": dict(fuse=False), "if_paper": dict(normalization="paper"),
@@ -139,10 +141,7 @@ def param_count(variables, spec, pl) -> int:
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  with open(path, newline="") as f:
-    return [dict(r, sparsity=float(r["sparsity"]), accuracy=float(r["accuracy"])) for r in csv.DictReader(f)]
+  return [dict(r, sparsity=float(r["sparsity"]), accuracy=float(r["accuracy"])) for r in _report.read_csv(path)]
 
 
 def run(args) -> list[dict]:
@@ -163,18 +162,12 @@ def run(args) -> list[dict]:
   n_params = int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(variables["params"])))
   cells = [(imp, sel, s, meth) for imp in args.importance for sel in selections for s in args.sparsities
            for meth in args.methods if (imp, sel[0], s, meth) not in done]
-  new = []
-  if ("-", "-", 0.0, "dense") not in done:
-    new.append(dict(model=args.model, importance="-", group="-", group_name="-", sparsity=0.0, method="dense",
-                    accuracy=accuracy(variables), params=n_params, test_images=len(y)))
-    print(f"{args.model} dense: {new[-1]['accuracy']:.2f}% on {len(y)} test images, {n_params:,} parameters")
-  write_header = not csv_path.exists()
-  with open(csv_path, "a", newline="") as f:
-    writer = csv.DictWriter(f, FIELDS)
-    if write_header:
-      writer.writeheader()
-    writer.writerows(new)
-    f.flush()
+  with _report.CsvAppender(csv_path, FIELDS) as appender:
+    if ("-", "-", 0.0, "dense") not in done:
+      dense = accuracy(variables)
+      appender.add(dict(model=args.model, importance="-", group="-", group_name="-", sparsity=0.0, method="dense",
+                        accuracy=dense, params=n_params, test_images=len(y)))
+      print(f"{args.model} dense: {dense:.2f}% on {len(y)} test images, {n_params:,} parameters")
     scores = {}
     if args.fusion_device == "cpu":  # committed to the CPU, so every eager fusion op runs there
       variables = jax.device_put(variables, jax.devices("cpu")[0])
@@ -192,9 +185,7 @@ def run(args) -> list[dict]:
         acc = accuracy(ifjax.apply_plan(variables, spec, pl, keep_shapes=True))
       row = dict(model=args.model, importance=imp, group=label, group_name=group or "all", sparsity=s, method=meth,
                  accuracy=round(acc, 2), params=param_count(variables, spec, pl), test_images=len(y))
-      writer.writerow(row)
-      f.flush()
-      new.append(row)
+      appender.add(row)
       bar.set_postfix_str(f"{label}@{s:.1f} {meth} {acc:.1f}%")
     if cells:
       print(f"{len(cells)} cells in {time.perf_counter() - t0:.0f} s")
@@ -202,6 +193,11 @@ def run(args) -> list[dict]:
 
 
 # -- reporting ----------------------------------------------------------------------------------------
+def _group_order(group: str) -> tuple[bool, int]:
+  """Sort key of a group label: paper indices 0, 1, ... in order, then "all"."""
+  return group == "all", int(group) if group.isdigit() else 0
+
+
 def summarize(rows: list[dict], methods: list[str], min_sparsity: float = 0.3) -> str:
   """Markdown: the accuracy table, then win rate and mean gain of each method over default."""
   dense = next((r["accuracy"] for r in rows if r["method"] == "dense"), float("nan"))
@@ -209,15 +205,13 @@ def summarize(rows: list[dict], methods: list[str], min_sparsity: float = 0.3) -
   for r in rows:
     if r["method"] != "dense":
       cells.setdefault((r["importance"], r["group"], r["group_name"], r["sparsity"]), {})[r["method"]] = r["accuracy"]
-  order = lambda k: (k[0], k[1] == "all", int(k[1]) if k[1].isdigit() else 0, k[3])
-  lines = [f"dense model: {dense:.2f}%\n", "| importance | group | sparsity | " + " | ".join(methods) + " |",
-           "|---|---|---|" + "---|" * len(methods)]
-  for key in sorted(cells, key=order):
+  body = []
+  for key in sorted(cells, key=lambda k: (k[0], *_group_order(k[1]), k[3])):
     imp, group, name, s = key
     label = f"{group} ({name})" if group != "all" else "all groups"
-    lines.append(f"| {imp} | {label} | {s:.1f} | " + " | ".join(
-        f"{cells[key][m]:.2f}" if m in cells[key] else "" for m in methods) + " |")
-  lines += ["", win_rates(cells, methods, min_sparsity, dense)]
+    body.append([imp, label, f"{s:.1f}", *(f"{cells[key][m]:.2f}" if m in cells[key] else "" for m in methods)])
+  lines = [f"dense model: {dense:.2f}%\n", *_report.markdown_table(["importance", "group", "sparsity", *methods], body),
+           "", win_rates(cells, methods, min_sparsity, dense)]
   return "\n".join(lines) + "\n"
 
 
@@ -231,57 +225,33 @@ def win_rates(cells: dict, methods: list[str], min_sparsity: float, dense: float
   single = {k: v for k, v in cells.items() if k[1] != "all"}
   if not others or not single:
     return ""
-  sparsities = sorted({k[3] for k in single})
-  lines = ["Single-group cells: method beats default (default+bn for '+bn' methods) in wins/cells "
-           "(mean gain in points).", "",
-           "| importance | method | " + " | ".join(f"{s:.1f}" for s in sparsities) + f" | ≥ {min_sparsity} | "
-           f"≥ {min_sparsity}, default ≤ dense − 2 |",
-           "|---|---|" + "---|" * (len(sparsities) + 2)]
-  for imp in sorted({k[0] for k in single}):
-    for m in others:
-      base = "default+bn" if m.endswith("+bn") else "default"
 
-      def stat(keep, m=m, base=base, volatile=False):
-        diffs = [v[m] - v[base] for k, v in single.items() if k[0] == imp and keep(k[3]) and m in v and base in v
-                 and (not volatile or v[base] <= dense - 2)]
-        return f"{sum(d > 0 for d in diffs)}/{len(diffs)} ({np.mean(diffs):+.2f})" if diffs else ""
-      high = lambda t: t >= min_sparsity - 1e-9
-      lines.append(f"| {imp} | {m} | " + " | ".join(stat(lambda t, s=s: t == s) for s in sparsities)
-                   + f" | {stat(high)} | {stat(high, volatile=True)} |")
-  return "\n".join(lines)
+  def stat(imp: str, m: str, keep, volatile: bool = False) -> str:
+    base = "default+bn" if m.endswith("+bn") else "default"
+    kept = [v for k, v in single.items()
+            if k[0] == imp and keep(k[3]) and (not volatile or v.get(base, math.inf) <= dense - 2)]
+    return str(_report.win_rate(kept, m, base))
+
+  sparsities = sorted({k[3] for k in single})
+  high = lambda t: t >= min_sparsity - 1e-9
+  body = [[imp, m, *(stat(imp, m, lambda t, s=s: t == s) for s in sparsities), stat(imp, m, high),
+           stat(imp, m, high, volatile=True)] for imp in sorted({k[0] for k in single}) for m in others]
+  header = ["importance", "method", *(f"{s:.1f}" for s in sparsities), f"≥ {min_sparsity}",
+            f"≥ {min_sparsity}, default ≤ dense − 2"]
+  return "\n".join(["Single-group cells: method beats default (default+bn for '+bn' methods) in wins/cells "
+                    "(mean gain in points).", "", *_report.markdown_table(header, body)])
 
 
 def plot(rows: list[dict], methods: list[str], path: pathlib.Path):
   """Accuracy vs sparsity, one panel per (importance, group)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   dense = next((r["accuracy"] for r in rows if r["method"] == "dense"), None)
-  panels = sorted({(r["importance"], r["group"]) for r in rows if r["method"] != "dense"},
-                  key=lambda k: (k[0], k[1] == "all", int(k[1]) if k[1].isdigit() else 0))
-  cols = min(6, len(panels))
-  nrows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.3 * nrows), sharey=True, squeeze=False)
-  for ax, (imp, group) in zip(axes.flat, panels):
+  panels = {}
+  for imp, group in sorted({(r["importance"], r["group"]) for r in rows if r["method"] != "dense"},
+                           key=lambda k: (k[0], *_group_order(k[1]))):
     sub = [r for r in rows if r["importance"] == imp and r["group"] == group]
-    for m in methods:
-      pts = sorted((r["sparsity"], r["accuracy"]) for r in sub if r["method"] == m)
-      if pts:
-        ax.plot(*zip(*pts), marker="o", ms=3, label=m)
-    if dense is not None:
-      ax.axhline(dense, color="gray", ls=":", lw=1)
-    name = sub[0]["group_name"] if group != "all" else "all groups"
-    ax.set_title(f"{imp}: {group} {name}" if group != "all" else f"{imp}: all groups", fontsize=7)
-    ax.tick_params(labelsize=7)
-  for ax in axes.flat[len(panels):]:
-    ax.axis("off")
-  axes.flat[0].legend(fontsize=6)
-  fig.supxlabel("neuron sparsity", fontsize=8)
-  fig.supylabel("test accuracy (%)", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+    title = f"{imp}: {group} {sub[0]['group_name']}" if group != "all" else f"{imp}: all groups"
+    panels[title] = {m: sorted((r["sparsity"], r["accuracy"]) for r in sub if r["method"] == m) for m in methods}
+  _report.plot_curves(panels, path, xlabel="neuron sparsity", reference=dense)
 
 
 def main(argv=None):

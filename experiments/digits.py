@@ -13,7 +13,6 @@ accuracy for default pruning and for Intra-Fusion in both normalizations.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import time
@@ -25,6 +24,8 @@ import optax
 from tqdm.auto import tqdm
 
 import ifjax
+
+import _report
 
 
 class DigitsCNN(nn.Module):
@@ -128,44 +129,21 @@ def main(argv=None):
     rows.append({"group": label, "sparsity": s, **{k: accuracy(f(sel, s), spec, xte, yte) for k, f in methods.items()}})
 
   header = ["group", "sparsity", *methods]
-  lines = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
-  for r in rows:
-    lines.append(f"| {r['group']} | {r['sparsity']:.1f} | " + " | ".join(f"{r[k]:.2f}" for k in methods) + " |")
-  wins = {k: sum(r[k] > r["default"] for r in rows) for k in methods if k != "default"}
-  table = "\n".join(lines)
+  body = [[r["group"], f"{r['sparsity']:.1f}", *(f"{r[k]:.2f}" for k in methods)] for r in rows]
+  table = "\n".join(_report.markdown_table(header, body))
+  wins = {k: _report.win_rate(rows, k) for k in methods if k != "default"}
   print(f"\nunpruned: {base:.2f}%   importance: {args.importance}   no data, no fine-tuning\n")
   print(table)
-  print("\n" + ", ".join(f"{k} beats default in {v}/{len(rows)} cells" for k, v in wins.items()))
+  print("\n" + ", ".join(f"{k} beats default in {w.wins}/{w.cells} cells" for k, w in wins.items()))
 
   if args.out:
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
-      w = csv.DictWriter(f, header)
-      w.writeheader()
-      w.writerows(rows)
+    _report.write_csv(args.out / "results.csv", header, rows)
     (args.out / "results.md").write_text(table + "\n")
-    _plot(rows, list(methods), base, args.out / "accuracy.png")
+    panels = {g: {k: [(r["sparsity"], r[k]) for r in rows if r["group"] == g] for k in methods}
+              for g in dict.fromkeys(r["group"] for r in rows)}
+    _report.plot_curves(panels, args.out / "accuracy.png", xlabel="neuron sparsity", reference=base)
     print(f"wrote {args.out}/results.csv, results.md, accuracy.png")
-
-
-def _plot(rows, methods, base, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  groups = list(dict.fromkeys(r["group"] for r in rows))
-  fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3), sharey=True)
-  for ax, g in zip(np.atleast_1d(axes), groups):
-    sub = [r for r in rows if r["group"] == g]
-    for k in methods:
-      ax.plot([r["sparsity"] for r in sub], [r[k] for r in sub], marker="o", label=k)
-    ax.axhline(base, color="gray", ls=":", lw=1)
-    ax.set_title(g, fontsize=9)
-    ax.set_xlabel("neuron sparsity")
-  np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
-  np.atleast_1d(axes)[0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ resumes from it), ``results.md`` and ``accuracy.png``.
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import sys
 import time
 
-import numpy as np
-
 import ifjax
 from ifjax import data, finetune, train
+
+import _report
 
 FIELDS = ["model", "method", "sparsity", "epoch", "accuracy", "train_images", "seconds"]
 METHODS = {"default": dict(method="default"), "if": dict(method="if", normalization="paper"),
@@ -36,7 +35,7 @@ def run(args) -> list[dict]:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / "results.csv"
-  rows = list(csv.DictReader(path.open())) if path.exists() else []
+  rows = _report.read_csv(path)
   done = {(r["method"], float(r["sparsity"])) for r in rows if int(r["epoch"]) == args.epochs}
   _, _, variables = ifjax.models.pretrained(args.model)
   x, y = data.cifar10_jpeg("train", limit=args.train_limit)
@@ -48,25 +47,21 @@ def run(args) -> list[dict]:
   dense = train.evaluate(module, variables, test_set)
   print(f"{args.model}: dense test accuracy {100 * dense:.2f}% on {len(yt)} images; fine-tuning on {len(y)} training "
         f"images per epoch", flush=True)
-  with path.open("a", newline="") as f:
-    writer = csv.DictWriter(f, FIELDS)
-    if not rows:
-      writer.writeheader()
+  with _report.CsvAppender(path, FIELDS) as appender:
     for s in args.sparsities:
       for m in args.methods:
         if (m, s) in done:
           continue
         t0 = time.perf_counter()
         r = finetune.prune_and_finetune(args.model, variables, s, train_set, finetune_epochs=args.epochs,
-                                        eval_data=test_set, augment=augment, seed=args.seed, **METHODS[m])
+                                        eval_data=test_set, augment=augment, seed=args.seed,
+                                        unfold_bn=not args.folded_bn, **METHODS[m])
         h = r.history[0]
         accs = [h["accuracy_pruned"]] + [e["eval_accuracy"] for e in h.get("epochs", [])]
-        for epoch, acc in enumerate(accs):
-          row = dict(model=args.model, method=m, sparsity=s, epoch=epoch, accuracy=round(100 * acc, 2),
-                     train_images=len(y), seconds=round(time.perf_counter() - t0, 1))
-          writer.writerow(row)
-          rows.append({k: str(v) for k, v in row.items()})
-        f.flush()
+        new = [dict(model=args.model, method=m, sparsity=s, epoch=epoch, accuracy=round(100 * acc, 2),
+                    train_images=len(y), seconds=round(time.perf_counter() - t0, 1)) for epoch, acc in enumerate(accs)]
+        appender.add(*new)
+        rows += [{k: str(v) for k, v in row.items()} for row in new]
         print(f"  {m:8s} sparsity {s}: " + " -> ".join(f"{100 * a:.2f}" for a in accs), flush=True)
   write_report(rows, out, args, dense)
   return rows
@@ -75,38 +70,23 @@ def run(args) -> list[dict]:
 def write_report(rows: list[dict], out: pathlib.Path, args, dense: float):
   table = {(r["method"], float(r["sparsity"]), int(r["epoch"])): float(r["accuracy"]) for r in rows}
   epochs = [e for e in REPORT_EPOCHS if e <= args.epochs] + ([args.epochs] if args.epochs not in REPORT_EPOCHS else [])
+  header = ["sparsity", "method", *(f"epoch {e}" for e in epochs)]
+  body = [[str(s), m, *(f"{table[m, s, e]:.2f}" if (m, s, e) in table else "" for e in epochs)]
+          for s in args.sparsities for m in args.methods]
   lines = ["```", "python " + " ".join(sys.argv), "```", "",
            f"Dense {args.model}: {100 * dense:.2f}% on the test images. All groups pruned one-shot, l1 importance; "
            f"fine-tuning epochs over {rows[0]['train_images'] if rows else '?'} training images.", "",
-           "| sparsity | method | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
-           "|---|---|" + "---|" * len(epochs)]
-  for s in args.sparsities:
-    for m in args.methods:
-      cells = [f"{table[(m, s, e)]:.2f}" if (m, s, e) in table else "" for e in epochs]
-      lines.append(f"| {s} | {m} | " + " | ".join(cells) + " |")
-  if "default" in args.methods:
-    for m in [m for m in args.methods if m != "default"]:
-      gains = [table[(m, s, e)] - table[("default", s, e)] for s in args.sparsities for e in epochs
-               if (m, s, e) in table and ("default", s, e) in table]
-      wins = sum(g > 0 for g in gains)
-      if gains:
-        lines.append(f"\n{m} beats default in {wins}/{len(gains)} cells (mean gain {np.mean(gains):+.2f} points).")
+           *_report.markdown_table(header, body)]
+  cells = [{m: table[m, s, e] for m in args.methods if (m, s, e) in table} for s in args.sparsities for e in epochs]
+  for m in [m for m in args.methods if m != "default"]:
+    w = _report.win_rate(cells, m)
+    if w.cells:
+      lines.append(f"\n{m} beats default in {w.wins}/{w.cells} cells (mean gain {w.mean_gain:+.2f} points).")
   (out / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines[4:]))
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(args.sparsities), figsize=(4 * len(args.sparsities), 3.2), squeeze=False)
-  for ax, s in zip(axes[0], args.sparsities):
-    for m in args.methods:
-      pts = sorted((e, a) for (mm, ss, e), a in table.items() if mm == m and ss == s)
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=m)
-    ax.axhline(100 * dense, color="grey", ls=":", label="dense")
-    ax.set(title=f"{args.model}, sparsity {s}", xlabel="fine-tuning epochs", ylabel="test accuracy (%)")
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "accuracy.png", dpi=110)
+  panels = {f"{args.model}, sparsity {s}": {m: sorted((e, a) for (mm, ss, e), a in table.items() if (mm, ss) == (m, s))
+                                            for m in args.methods} for s in args.sparsities}
+  _report.plot_curves(panels, out / "accuracy.png", xlabel="fine-tuning epochs", reference=100 * dense, sharey=False)
 
 
 def main(argv=None):
@@ -118,6 +98,8 @@ def main(argv=None):
   ap.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset per epoch")
   ap.add_argument("--test-limit", type=int, default=None, help="class-balanced test subset (default: all 10,000)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--folded-bn", action="store_true",
+                  help="fine-tune the folded BNs as they are (before ifjax.unfold_batchnorm existed)")
   ap.add_argument("--out", required=True)
   run(ap.parse_args(argv))
 

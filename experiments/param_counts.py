@@ -22,7 +22,8 @@ def counts(name: str, sparsity: float) -> tuple[int, int]:
   """(kernel weights, all parameters) of zoo model ``name`` with every group at ``sparsity``."""
   module, spec = ifjax.models.get(name)
   x = jnp.zeros((1, 32, 32, 3))
-  sizes = spec.validate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(module.init, jax.random.key(0), x)))
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+  sizes = spec.validate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   small, _ = ifjax.models.get(name, widths={g: ifjax.kept_count(n, sparsity) for g, n in sizes.items()})
   leaves = jax.tree_util.tree_flatten_with_path(jax.eval_shape(small.init, jax.random.key(0), x)["params"])[0]
   kernels = sum(int(np.prod(a.shape)) for p, a in leaves if jax.tree_util.keystr(p).endswith("['kernel']"))

@@ -24,6 +24,8 @@ import os
 import pathlib
 import sys
 
+import _report
+
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +57,6 @@ def main(argv=None):
 
 
 def run(args, models_count: int):
-  import csv
   import time
 
   import jax
@@ -114,18 +115,11 @@ def run(args, models_count: int):
       print(rows[-1], flush=True)
   fields = ["sparsity", "pipeline", "accuracy", "fused_accuracy", "train_s", "prune_s", "fuse_s", "finetune_s",
             "total_s"]
-  with (out / "results.csv").open("w", newline="") as f:
-    w = csv.DictWriter(f, fields)
-    w.writeheader()
-    w.writerows(rows)
+  _report.write_csv(out / "results.csv", fields, rows)
   report(rows, out, args, acc_split, acc_whole, t_split, t_whole, models_count)
 
 
 def report(rows, out: pathlib.Path, args, acc_split, acc_whole, t_split, t_whole, models_count):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   per_model = t_split / models_count
   lines = ["```", "python " + " ".join(sys.argv), "```", "",
            f"{args.model} from scratch ({'one shared init' if args.same_init else 'a different init per model'}) on "
@@ -136,19 +130,20 @@ def report(rows, out: pathlib.Path, args, acc_split, acc_whole, t_split, t_whole
            f"- training wall time: split models {t_split:.0f} s for all {models_count} together, whole-data model "
            f"{t_whole:.0f} s. Measured ratio whole / split-together: {t_whole / t_split:.2f}x. On disjoint hardware "
            f"each split model would run alone in about {per_model:.0f} s (its share of the shared cores), a "
-           f"simulated training speed-up of {t_whole / per_model:.2f}x (paper, GPU: 1.81x).", "",
-           "| sparsity | pipeline | accuracy | after fusion | train (s) | prune (s) | fuse (s) | fine-tune (s) | "
-           "overall speed-up (simulated) |", "|---|---|---|---|---|---|---|---|---|"]
+           f"simulated training speed-up of {t_whole / per_model:.2f}x (paper, GPU: 1.81x).", ""]
   whole_total = {r["sparsity"]: r["total_s"] for r in rows if r["pipeline"] == "whole data"}
+  body = []
   for r in rows:
-    total = r["total_s"] - (r["train_s"] - per_model if r["pipeline"] != "whole data" else 0)
-    speed = whole_total[r["sparsity"]] / total
-    lines.append(f"| {r['sparsity']} | {r['pipeline']} | {r['accuracy']:.2f} | {r['fused_accuracy']} | "
-                 f"{r['train_s'] if r['pipeline'] == 'whole data' else round(per_model, 1)} | {r.get('prune_s', '')} | "
-                 f"{r.get('fuse_s', '')} | {r.get('finetune_s', '')} | {speed:.2f}x |")
+    whole = r["pipeline"] == "whole data"
+    speed = whole_total[r["sparsity"]] / (r["total_s"] - (0 if whole else r["train_s"] - per_model))
+    body.append([str(r["sparsity"]), r["pipeline"], f"{r['accuracy']:.2f}", str(r["fused_accuracy"]),
+                 str(r["train_s"] if whole else round(per_model, 1)),
+                 *(str(r.get(k, "")) for k in ("prune_s", "fuse_s", "finetune_s")), f"{speed:.2f}x"])
+  lines += _report.markdown_table(["sparsity", "pipeline", "accuracy", "after fusion", "train (s)", "prune (s)",
+                                   "fuse (s)", "fine-tune (s)", "overall speed-up (simulated)"], body)
   (out / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines[4:]))
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+  fig, ax = _report.pyplot().subplots(figsize=(7, 3.5))
   labels = [f"{r['pipeline']}\n{r['sparsity']}" for r in rows]
   bottom = [0.0] * len(rows)
   for phase in ("train_s", "prune_s", "fuse_s", "finetune_s"):
@@ -157,8 +152,7 @@ def report(rows, out: pathlib.Path, args, acc_split, acc_whole, t_split, t_whole
     bottom = [b + v for b, v in zip(bottom, vals)]
   ax.set(ylabel="wall seconds (split training: per model)", title=f"Split-Data phases, {args.model}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "times.png", dpi=110)
+  _report.save(fig, out / "times.png")
 
 
 if __name__ == "__main__":

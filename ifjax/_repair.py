@@ -85,7 +85,9 @@ def unfold_batchnorm(pruned: Variables, variables: Variables, spec: Spec, plan: 
 
   Args:
     pruned: ``apply_plan(variables, spec, plan)`` (BN-folded).
-    variables, spec, plan: as given to :func:`ifjax.apply_plan`.
+    variables: as given to :func:`ifjax.apply_plan` (the original variables).
+    spec: as given to :func:`ifjax.apply_plan`.
+    plan: as given to :func:`ifjax.apply_plan`.
 
   Returns:
     New variables at the pruned shapes; the inputs are not modified.

@@ -33,8 +33,6 @@ import jax
 import jax.extend as jex
 import numpy as np
 
-from ifjax._spec import flatten, unflatten
-
 
 class ResizeError(ValueError):
   """The program cannot be re-evaluated at the pruned shapes (or the pruned variables do not fit it)."""
@@ -69,7 +67,7 @@ class _Dims:
   def _conflict(self, root, a, b, ctx):
     why = self.pin.get(root)
     if why:
-      raise ResizeError(f"{why}; the pruned variables make it {b if a == self.orig[root] else a}")
+      raise ResizeError(f"{why} (size {self.orig[root]} -> {b if a == self.orig[root] else a})")
     raise ResizeError(f"{ctx}: an axis of original size {self.orig[root]} would have to be {a} and {b} at once "
                       "(the pruned variables shrink coupled axes differently)")
 
@@ -267,12 +265,12 @@ _ELEMENTWISE = {
     "ge", "gt", "le", "lt", "eq", "ne", "and", "or", "not", "xor", "nextafter", "is_finite", "erf_inv", "cbrt",
     "floor", "ceil", "round", "atan2", "rem", "add_any", "select_n", "convert_element_type", "copy", "copy_p",
     "reduce_precision", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "rev", "stop_gradient",
-    "optimization_barrier", "sharding_constraint", "real", "imag", "conj", "asin", "acos", "atan", "sinh", "cosh",
+    "sharding_constraint", "real", "imag", "conj", "asin", "acos", "atan", "sinh", "cosh",
     "asinh", "acosh", "atanh", "lgamma", "digamma", "population_count", "shift_left", "shift_right_logical",
-    "shift_right_arithmetic", "square", "logaddexp",
+    "shift_right_arithmetic", "logaddexp",
 }
 _CALLS = {"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call",
-          "custom_vjp_call_jaxpr", "custom_lin"}
+          "custom_vjp_call_jaxpr", "remat2"}
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor",
            "argmax", "argmin"}
 _WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
@@ -285,9 +283,10 @@ def _shape(v) -> tuple[int, ...]:
 def _where(eqn) -> str:
   try:
     from jax._src import source_info_util
-    return f" (at {source_info_util.summarize(eqn.source_info)})"
+    where = source_info_util.summarize(eqn.source_info)
   except (ImportError, AttributeError):
     return ""
+  return f" (at {where})" if where else ""
 
 
 class _Builder:
@@ -322,7 +321,7 @@ class _Builder:
     if f is not None:
       f.cons.setdefault(i, []).append(c)
 
-  def opaque(self, name, ins, outs, ctx, what="resize has no rule for it"):
+  def opaque(self, ins, outs, ctx, what="resize has no rule for it"):
     for nodes in ins:
       for n in nodes:
         self.d.pin_orig(n, f"{ctx}: {what} and it touches an axis the pruned variables change")
@@ -332,10 +331,14 @@ class _Builder:
 
   def eqn(self, f: _Frame, i: int, eqn, ins, outs):
     d, name, p = self.d, eqn.primitive.name, eqn.params
-    ctx = (f"primitive {name!r} with operand shapes {[_shape(v) if not isinstance(v, jex.core.Literal) else () for v in eqn.invars]}"
-           f" and result shapes {[_shape(v) for v in eqn.outvars]}{_where(eqn)}")
+    ctx = (f"primitive {name!r} with operand shapes {[_shape(v) for v in eqn.invars]} and result shapes"
+           f" {[_shape(v) for v in eqn.outvars]}{_where(eqn)}")
     u = lambda a, b: d.union(a, b, ctx)
-    if name in _ELEMENTWISE:  # equal shapes, up to scalars and size-1 axes that broadcast
+    if name == "optimization_barrier":
+      for a, b in zip(ins, outs):
+        for x, y in zip(a, b):
+          u(x, y)
+    elif name in _ELEMENTWISE:  # equal shapes, up to scalars and size-1 axes that broadcast
       for nodes in ins + outs[1:]:
         if len(nodes) == len(outs[0]):
           for a, b in zip(nodes, outs[0]):
@@ -357,7 +360,7 @@ class _Builder:
           u(x[k], o[dim])
     elif name == "reshape":
       if p.get("dimensions") is not None:
-        self.opaque(name, ins, outs, ctx, "a reshape with a transposing `dimensions`")
+        self.opaque(ins, outs, ctx, "a reshape with a transposing `dimensions`")
         return
       old, new = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
       for gi, gj in _reshape_groups(old, new):
@@ -408,8 +411,6 @@ class _Builder:
           u(ins[0][k], outs[0][k])
         else:
           self.add(_Pad(outs[0][k], ins[0][k], lo, hi, interior, ctx), f, i)
-      for n in ins[1]:  # the padding value is a scalar
-        d.pin_orig(n, ctx)
     elif name in ("slice", "dynamic_slice"):
       shape = _shape(eqn.invars[0])
       if name == "slice":
@@ -464,7 +465,7 @@ class _Builder:
         f.subs[i].append(bf)
         self.tie(bf, bf.jaxpr.outvars, outs, ctx)
     else:
-      self.opaque(name, ins, outs, ctx)
+      self.opaque(ins, outs, ctx)
 
   def tie(self, sub: _Frame, outvars, outs, ctx):
     for v, nodes in zip(outvars, outs):
@@ -486,7 +487,7 @@ class _Builder:
       d.set(out[k], d.orig[out[k]], ctx)
     groups, c_in, k_in = p["feature_group_count"], lhs[lhs_spec[1]], rhs[rhs_spec[1]]
     if p["batch_group_count"] != 1:
-      self.opaque("conv_general_dilated", ins, outs, ctx, "batch_group_count > 1 is not supported")
+      self.opaque(ins, outs, ctx, "batch_group_count > 1 is not supported")
     elif groups == 1:
       u(c_in, k_in)
     elif d.orig[k_in] == 1:  # depthwise: one group per input channel, `mult` output channels each
@@ -533,7 +534,7 @@ class _Builder:
 
 
 def _solve(b: _Builder):
-  d = b.d
+  d, start = b.d, 0
   while True:
     d.progress = True
     while d.progress:
@@ -542,10 +543,11 @@ def _solve(b: _Builder):
         c.propagate(d)
     if any(c.default(d) for c in b.cons):
       continue
-    free = next((n for n in range(len(d.parent)) if d.new[d.find(n)] is None), None)
-    if free is None:
+    while start < len(d.parent) and d.new[d.find(start)] is not None:  # known axes stay known
+      start += 1
+    if start == len(d.parent):
       return
-    d.set(free, d.orig[free], "an unconstrained axis")
+    d.set(start, d.orig[start], "an unconstrained axis")
 
 
 # -- evaluation at the new shapes ---------------------------------------------------------------------
@@ -605,10 +607,7 @@ def _eval_eqn(d: _Dims, f: _Frame, i: int, eqn, ins: list) -> list:
   elif name == "slice":
     p["limit_indices"] = tuple(new if (s, l) == (0, old) else l for s, l, old, new in
                                zip(p["start_indices"], p["limit_indices"], _shape(eqn.invars[0]), np.shape(ins[0])))
-  elif name == "dynamic_slice":
-    p["slice_sizes"] = tuple(new if s == old else s for s, old, new in
-                             zip(p["slice_sizes"], _shape(eqn.invars[0]), np.shape(ins[0])))
-  elif name == "gather":
+  elif name in ("dynamic_slice", "gather"):  # whole axes follow the operand
     p["slice_sizes"] = tuple(new if s == old else s for s, old, new in
                              zip(p["slice_sizes"], _shape(eqn.invars[0]), np.shape(ins[0])))
   elif name == "split":
@@ -644,6 +643,11 @@ def resize(apply_fn: Callable[..., Any], variables, small_variables, *args, **kw
   (``train=False``) are static. ``small_apply`` is jit-able, accepts other
   argument shapes (each new shape is traced once) and computes what ``apply_fn``
   computes on the zero-padded ``apply_plan(..., keep_shapes=True)`` variables.
+  Constants of the program keep their values, so a mean over a pruned axis (a
+  LayerNorm's) still divides by the original length, as the zero-padded model
+  does. Where the shapes leave a choice open (a split of ``heads * head_dim``, the
+  two sides of a zero pad), the rules of this module's docstring decide: prune
+  whole heads, and prune option-A padding segments at one ratio.
   Custom derivative rules of the program (``custom_jvp`` / ``custom_vjp``) are
   inlined: gradients go through their primal computation.
 

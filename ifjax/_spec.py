@@ -258,11 +258,12 @@ class Spec:
         sizes[g.name] = _neuron_axis_len(flat, first) - first.offset
       for m in g.members:
         length = _neuron_axis_len(flat, m)
-        whole = len(owners[axis_key(m)]) == 1
+        whole = len(owners[axis_key(m)]) == 1 and g.size is None  # an explicit size: a segment (the rest frozen)
         if (whole and (m.offset != 0 or length != sizes[g.name])) or m.offset + sizes[g.name] > length:
-          raise ValueError(
-              f"group {g.name!r}: members disagree on the neuron count: {first.path!r} axis {first.axis} gives "
-              f"{sizes[g.name]}, but {m.path!r} axis {m.axis} has {length} entries (offset {m.offset})")
+          given = (f"its size= is {g.size}" if g.size is not None else
+                   f"{first.path!r} axis {first.axis} gives {sizes[g.name]}")
+          raise ValueError(f"group {g.name!r}: members disagree on the neuron count: {given}, but {m.path!r} axis "
+                           f"{m.axis} has {length} entries (offset {m.offset})")
     for (path, axis), segs in owners.items():
       if len(segs) > 1:
         spans = sorted((m.offset, m.offset + sizes[g.name], g.name) for g, m in segs)
@@ -443,6 +444,8 @@ def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = No
   leave open (option A's padding halves) get the one ratio that gave the segment
   groups the shapes do determine (a uniform ratio, as ``intra_fuse(v, spec, 0.5)``);
   if the groups were pruned at different ratios, ValueError asks for the plan.
+  This form assumes, as the zoo's hand specs do, that a group with ``size=``
+  owning an axis owns all of it and that segments tile the axes they share.
   """
   if plan is None and any(g.size is not None for g in spec.groups):
     return _segment_widths(variables, spec)
@@ -455,28 +458,28 @@ def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = No
 def _segment_widths(variables: Variables, spec: Spec) -> dict[str, int]:
   """:func:`widths` of pruned ``variables`` when some groups are segments of shared axes (their offsets are stale)."""
   flat = flatten(variables)
-  owners: dict[tuple[str, int], set[str]] = {}
+  owners: dict[tuple[str, int], list[str]] = {}  # a group once per segment it has there (heads of q, k and v)
   totals: dict[tuple[str, int], int] = {}
   key = lambda m: (m.path, m.axis % np.ndim(flat[m.path]))
   for g in spec.groups:
     for m in g.members:
       _lookup(flat, m.path, f"group {g.name!r}")
-      owners.setdefault(key(m), set()).add(g.name)
+      owners.setdefault(key(m), []).append(g.name)
       totals[key(m)] = _neuron_axis_len(flat, m)
   sizes: dict[str, int] = {}
   for g in spec.groups:
-    whole = {totals[key(m)] for m in g.members if owners[key(m)] == {g.name}}
+    whole = {totals[key(m)] // len(owners[key(m)]) for m in g.members if set(owners[key(m)]) == {g.name}}
     if len(whole) > 1:
       raise ValueError(f"group {g.name!r}: the arrays it owns whole disagree on its width: {sorted(whole)}")
     sizes.update({g.name: whole.pop()} if whole else {})
-  shared = [(sorted(names), totals[k], k) for k, names in owners.items() if len(names) > 1]
+  shared = [(sorted(names), totals[k], k) for k, names in owners.items() if len(set(names)) > 1]
   progress = True
   while progress:  # an axis shared by segments is their sum: solve the axes with one open segment
     progress = False
     for names, total, _ in shared:
       unknown = [n for n in names if n not in sizes]
-      if len(unknown) == 1:
-        sizes[unknown[0]] = total - sum(sizes[n] for n in names if n in sizes)
+      if unknown and len(set(unknown)) == 1:
+        sizes[unknown[0]] = (total - sum(sizes[n] for n in names if n in sizes)) // len(unknown)
         progress = True
   open_ = [g for g in spec.groups if g.name not in sizes]
   if open_:  # kept_count(n, r) = floor(n * (1 - r)) = w  <=>  1 - (w + 1) / n < r <= 1 - w / n

@@ -10,6 +10,28 @@ that touch a layer's output are reported as BN pairs. Classes that reach the
 program's outputs, or pass through an op that mixes channels in a way a group
 cannot express, are *frozen* (not prunable) and left out of the spec.
 
+Beyond convs and dense layers it follows:
+
+* attention: a DenseGeneral to (heads, head dim) gives a group per axis; a reshape
+  of channels into (heads, head dim) makes *head* groups of blocks (FlatMember);
+  the batch axes of query-key and weights-value products join the q, k and v
+  heads (and the output projection's rows) into one group;
+* norms: a reduction over channels (LayerNorm, RMSNorm, GroupNorm statistics)
+  keeps the group but marks it pruning-only (``Group.exact`` False), with the
+  norm's scale and bias as members; GroupNorm channels are grouped by the norm's
+  groups (whole norm groups are exact: each has its own statistics);
+* a BatchNorm folds into its layer when it directly follows one layer whose
+  output nothing else reads; any other BN (after a concatenation or an
+  activation) keeps its arrays as per-channel members of each group it covers,
+  like biases and other per-channel parameters after a concatenation;
+* embedding lookups (gather of a parameter table), class tokens concatenated to
+  the tokens, tied weights (pruning-only), slices and splits of channels (the
+  cut groups become groups of their own), ``lax.scan`` over stacked layers (a
+  group takes the same neurons in every layer);
+* channels added element-wise to the input data itself (the token axis of an
+  MLP-Mixer) stay in place (frozen); a module applied twice (shared weights) is
+  an :class:`UnsupportedPrimitiveError` naming it.
+
 A primitive without a rule that touches a labelled axis raises
 :class:`UnsupportedPrimitiveError`: the tracer never guesses.
 """
@@ -137,7 +159,7 @@ class _Tracer:
       p = self.classes[piece]
       p.producers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.producers]
       p.consumers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.consumers]
-      p.frozen, p.inexact = cls.frozen, cls.inexact
+      p.frozen, p.inexact, p.kind = cls.frozen, cls.inexact, cls.kind
       cls.pieces.append((lo, hi - lo, piece))
 
   def whole(self, segs, what) -> list:
@@ -466,9 +488,14 @@ class _Tracer:
 
   def settle_blocks(self):
     """Moves the members of classes split into heads to their head classes, as blocks of ``b`` entries."""
-    for c in range(len(self.classes)):
-      if self.find(c) == c and self.classes[c].blocks is not None and self.classes[c].pieces is None:
-        self.deposit(c)
+    split = [c for c in range(len(self.classes))
+             if self.find(c) == c and self.classes[c].blocks is not None and self.classes[c].pieces is None]
+    for c in split:
+      self.deposit(c)
+    for c in split:  # two views of one axis cannot be pruned in one plan: whole heads win
+      heads, dims = (self.classes[self.find(x)] for x in self.classes[c].blocks[::2])
+      if not heads.frozen:
+        dims.frozen = dims.frozen or "positions inside the heads (ifjax prunes whole heads)"
 
   def deposit(self, c):
     """Class ``c``'s members as members of its head class (blocks of ``b`` entries) and of its head-dim class
@@ -478,10 +505,10 @@ class _Tracer:
     heads, dims = self.classes[self.find(h)], self.classes[self.find(d)]
     for role in ("producers", "consumers"):
       for i, m in getattr(cls, role):
-        if m.offset % b:
-          raise UnsupportedPrimitiveError(f"{m.path!r} axis {m.axis}: a group at offset {m.offset} is split into "
-                                          f"heads of {b}, which do not align with the axis")
-        getattr(heads, role).append((i, FlatMember(m.path, m.axis, m.offset // b, m.outer, m.inner * b)))
+        if m.offset % b:  # blocks of b entries that do not tile the axis: no FlatMember expresses them
+          heads.frozen = heads.frozen or f"heads of {b} channels that do not align with {m.path!r} axis {m.axis}"
+        else:
+          getattr(heads, role).append((i, FlatMember(m.path, m.axis, m.offset // b, m.outer, m.inner * b)))
         n = self.shapes[m.path][m.axis] // (m.outer * m.inner)
         if m.offset == 0 and n == cls.size:
           getattr(dims, role).append((i, FlatMember(m.path, m.axis, 0, m.outer * (cls.size // b), m.inner)))
@@ -604,7 +631,8 @@ class _Tracer:
       if v.param or v.params:  # e.g. a class token prepended to the patch tokens: a producer of their channels
         pmap = v.params or self.param_channels(v, s)
         if dim in pmap:
-          raise UnsupportedPrimitiveError(f"concatenate of parameter {sorted(pmap[dim])[0][0]!r} along its channel axis")
+          raise UnsupportedPrimitiveError(f"concatenate of parameter {sorted(pmap[dim])[0][0]!r} along its "
+                                          "channel axis")
         for ax, members in pmap.items():
           for path, pax in members if ax in out.labels else ():
             self.per_channel(path, pax, out.labels[ax], "concatenate", acts)
@@ -841,7 +869,8 @@ _ELEMENTWISE = {
     "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "tanh", "logistic", "abs",
     "sqrt", "rsqrt", "integer_pow", "pow", "square", "erf", "sign", "sin", "cos", "expm1", "clamp", "ge", "gt",
     "le", "lt", "eq", "ne", "and", "or", "not", "nextafter", "is_finite", "erf_inv", "cbrt", "floor", "ceil",
-    "round", "atan2", "rem", "add_any",
+    "round", "atan2", "rem", "add_any", "tan", "atan", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "erfc", "lgamma", "digamma",
 }
 _AFFINE = {"add", "sub", "mul", "div", "convert_element_type"}  # keep the "output of layer X" origin
 _IDENTITY = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier",
@@ -911,7 +940,7 @@ def _reshape_split(old, new, k) -> tuple[int, int] | None:
   hi = lo * old[k]
   inner_new = [math.prod(new[j + 1:]) for j in range(len(new))]
   js = [j for j in range(len(new)) if new[j] > 1 and inner_new[j] >= lo and inner_new[j] * new[j] <= hi]
-  if len(js) == 2 and inner_new[js[1]] == lo and inner_new[js[0]] * new[js[0]] == hi and new[js[0]] * new[js[1]] == old[k]:
+  if len(js) == 2 and inner_new[js[1]] == lo and inner_new[js[0]] * new[js[0]] == hi:
     return js[0], js[1]
   return None
 
@@ -927,7 +956,11 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
   plain-JAX function of a params dict, or an NNX model seen through
   ``nnx.split`` / ``nnx.merge`` (see :func:`nnx_apply`). Groups come in network
   order (by their last producer); names are the module path of their first
-  producer. Raises :class:`UnsupportedPrimitiveError` on an op it cannot follow.
+  producer (``:heads`` / ``:head_dim`` for attention heads and the dims inside
+  them, ``[a:b]`` for a segment of a shared axis). Groups whose neurons a norm
+  normalises over, or that tied weights or a query-key product couple, are
+  pruning-only (``Group.exact`` False; see :func:`check_spec`). Raises
+  :class:`UnsupportedPrimitiveError` on an op it cannot follow.
 
   >>> import flax.linen as nn, jax, jax.numpy as jnp, ifjax
   >>> class Net(nn.Module):

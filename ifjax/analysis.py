@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from ifjax._fuse import GroupPlan, Plan, Ratio, GroupSelection, apply_plan, plan
+from ifjax._fuse import GroupPlan, GroupSelection, Plan, Ratio, apply_plan, plan
 from ifjax._spec import Spec, Variables
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -110,7 +110,8 @@ def plane_basis(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray) -> tuple[np.ndar
   return e1, r / n2, np.array([[0.0, 0.0], [n1, 0.0], [along, n2]])
 
 
-def plane_grid(anchors: np.ndarray, size: int | tuple[int, int] = 11, margin: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def plane_grid(anchors: np.ndarray, size: int | tuple[int, int] = 11,
+               margin: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
   """``(u (A,), v (B,))``: evenly spaced coordinates covering the anchors' (3, 2) bounding box plus ``margin``
   of its width and height on every side; ``size`` is A = B, or ``(A, B)``."""
   a, b = (size, size) if isinstance(size, int) else size

@@ -49,7 +49,8 @@ def coverage_models():
   import sys
 
   if "coverage_models" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("coverage_models", pathlib.Path(__file__).with_name("coverage_models.py"))
+    path = pathlib.Path(__file__).with_name("coverage_models.py")
+    spec = importlib.util.spec_from_file_location("coverage_models", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["coverage_models"] = module  # before exec: flax dataclasses look their module up
     spec.loader.exec_module(module)

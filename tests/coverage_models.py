@@ -6,7 +6,8 @@ input. Load this file with the ``coverage_models`` fixture of ``tests/conftest.p
 
     spec = importlib.util.spec_from_file_location("coverage_models", "tests/coverage_models.py")
 
-``CASES`` maps a model name to its builder; ``build(name)`` builds one. Nothing heavy runs at import.
+``CASES`` maps a model name to its builder; ``build(name)`` builds one; ``duplicate_errors(case, spec)``
+measures exact-duplicate preservation. Nothing heavy runs at import.
 """
 
 from __future__ import annotations
@@ -57,6 +58,52 @@ def _case(name, module, x, seed=0, **apply_kwargs) -> Case:
 
 def _images(shape, seed=1):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+# -- exact-duplicate preservation ---------------------------------------------------------
+def merge_plan(n: int):
+  """A plan that fuses neuron 1 into neuron 0 (barycentric: producers averaged, consumers summed), keeps the rest."""
+  import ifjax
+
+  keep = np.array([0, *range(2, n)], np.int32)
+  t = np.zeros((n, n - 1), np.float32)
+  t[keep, np.arange(n - 1)] = 1.0 / n
+  t[1, 0] = 1.0 / n
+  prod, cons = ifjax.transport_maps(t, "barycentric")
+  return ifjax.GroupPlan(keep, np.ones(n, np.float32), t, prod, cons, np.asarray(True), np.asarray(0.0, np.float32),
+                         np.asarray(0))
+
+
+def planted(variables, spec, groups) -> dict:
+  """BN-folded ``variables`` in which neuron 1 of each of ``groups`` duplicates neuron 0 on every producer array."""
+  import ifjax
+  from flax import traverse_util
+  from ifjax._batchnorm import derived_bn
+
+  flat = {k: np.array(a) for k, a in traverse_util.flatten_dict(ifjax.fold_batchnorm(variables, spec), sep="/").items()}
+  for g in groups:
+    for m in list(g.producers) + [m for m, _ in derived_bn(spec, g) if m.path in flat]:
+      x = np.array(m.neurons_first(flat[m.path]))
+      x[m.offset + 1] = x[m.offset]
+      flat[m.path] = np.asarray(m.restore(x))
+  return traverse_util.unflatten_dict({k: jnp.asarray(a) for k, a in flat.items()}, sep="/")
+
+
+def duplicate_errors(case: Case, spec) -> tuple[float, float]:
+  """Plants a duplicate neuron in every exact group of ``spec`` and fuses it into its twin (``keep_shapes``).
+  Returns (relative output change: ~0 when the spec and fusion are exact, the same fusion without planted
+  duplicates: clearly > 0, a control)."""
+  import ifjax
+
+  sizes = spec.validate(case.variables)
+  exact = [g for g in spec.groups if g.exact and sizes[g.name] > 1]
+  plan = {g.name: merge_plan(sizes[g.name]) for g in exact}
+  run = jax.jit(case.apply)
+  out = lambda v: np.asarray(run(v, case.x), np.float64)
+  rel = lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+  dup, folded = planted(case.variables, spec, exact), ifjax.fold_batchnorm(case.variables, spec)
+  return (rel(out(ifjax.apply_plan(dup, spec, plan, keep_shapes=True)), out(dup)),
+          rel(out(ifjax.apply_plan(folded, spec, plan, keep_shapes=True)), out(folded)))
 
 
 # -- transformers ------------------------------------------------------------------------
@@ -236,14 +283,17 @@ class DenseNet(nn.Module):
 
 
 class UNet(nn.Module):
-  """Two-level U-Net: encoder convs, nearest upsampling, skip concatenations, a 1x1 head."""
+  """Two-level U-Net: encoder convs (two with GroupNorm), nearest upsampling, skip concatenations, a 1x1 head."""
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda c, name: (lambda y: nn.relu(nn.Conv(c, (3, 3), name=name)(y)))
+    def conv(c, name, gn=False):
+      norm = nn.GroupNorm(num_groups=2, name=f"{name}_gn") if gn else (lambda y: y)
+      return lambda y: nn.relu(norm(nn.Conv(c, (3, 3), name=name)(y)))
+
     e1 = conv(6, "enc1b")(conv(6, "enc1a")(x))
-    e2 = conv(10, "enc2b")(conv(10, "enc2a")(nn.max_pool(e1, (2, 2), (2, 2))))
-    b = conv(12, "mid")(nn.max_pool(e2, (2, 2), (2, 2)))
+    e2 = conv(10, "enc2b")(conv(10, "enc2a", gn=True)(nn.max_pool(e1, (2, 2), (2, 2))))
+    b = conv(12, "mid", gn=True)(nn.max_pool(e2, (2, 2), (2, 2)))
     d2 = conv(10, "dec2")(jnp.concatenate([e2, jnp.repeat(jnp.repeat(b, 2, 1), 2, 2)], -1))
     d1 = conv(6, "dec1")(jnp.concatenate([e1, jnp.repeat(jnp.repeat(d2, 2, 1), 2, 2)], -1))
     return nn.Conv(2, (1, 1), name="head")(d1)
@@ -268,7 +318,8 @@ def _flaxmodels_vgg16() -> Case:
 
 def gpt2_config(**kw) -> types.SimpleNamespace:
   """A tiny GPT-2 config in flaxmodels' format (its fields, GPT-2's defaults)."""
-  cfg = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=4, n_inner=None, activation_function="gelu_new",
+  cfg = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=4, n_inner=None,
+             activation_function="gelu_new",
              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, scale_attn_weights=True)
   return types.SimpleNamespace(**{**cfg, **kw})
 
@@ -305,6 +356,16 @@ def _flaxmodels_gpt2() -> Case:
   return _case("flaxmodels GPT-2", GPT2LM(gpt2_config()), ids)
 
 
+def _zoo(name: str) -> Case:
+  import ifjax
+
+  module, _ = ifjax.models.get(name, num_classes=5)
+  shape = (2, 28, 28, 1) if name == "lenet5" else (2, 64, 64, 3) if name == "efficientnet_lite0" else (2, 32, 32, 3)
+  return _case(f"zoo {name}", module, _images(shape), train=False)
+
+
+ZOO = ["mlp", "lenet5", "resnet20", "resnet56", "vgg11_bn", "resnet18", "resnet50", "efficientnet_lite0"]
+
 CASES: dict[str, Callable[[], Case]] = {
     "ViT": lambda: _case("ViT", ViT(), _images((2, 16, 16, 3))),
     "MLP-Mixer": lambda: _case("MLP-Mixer", Mixer(), _images((2, 16, 16, 3))),
@@ -317,6 +378,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "flaxmodels ResNet50": lambda: _flaxmodels_resnet(50),
     "flaxmodels VGG16": _flaxmodels_vgg16,
     "flaxmodels GPT-2": _flaxmodels_gpt2,
+    **{f"zoo {name}": (lambda name=name: _zoo(name)) for name in ZOO},  # tests/test_zoo.py covers these
 }
 
 

@@ -14,7 +14,6 @@ import pytest
 from flax import traverse_util
 
 import ifjax
-from ifjax._batchnorm import derived_bn
 
 MODELS = ["ViT", "MLP-Mixer", "ConvNeXt", "MobileNetV2", "DenseNet", "U-Net", "scan transformer",
           "flaxmodels ResNet18", "flaxmodels ResNet50", "flaxmodels VGG16", "flaxmodels GPT-2"]
@@ -24,33 +23,12 @@ _SPECS = {}
 
 def _traced(coverage_models, name):
   """(case, spec), traced once per session."""
+  if name.startswith("flaxmodels"):
+    pytest.importorskip("flaxmodels", reason="flaxmodels is a test extra: pip install -e '.[test]'")
   if name not in _SPECS:
     case = coverage_models.build(name)
     _SPECS[name] = case, ifjax.trace_spec(case.apply, case.variables, case.x)
   return _SPECS[name]
-
-
-def _merge_plan(n: int) -> ifjax.GroupPlan:
-  """Neuron 1 fused into neuron 0 (barycentric: producers averaged, consumers summed); the rest kept."""
-  keep = np.array([0, *range(2, n)], np.int32)
-  t = np.zeros((n, n - 1), np.float32)
-  t[keep, np.arange(n - 1)] = 1.0 / n
-  t[1, 0] = 1.0 / n
-  prod, cons = ifjax.transport_maps(t, "barycentric")
-  return ifjax.GroupPlan(keep, np.ones(n, np.float32), t, prod, cons, np.asarray(True), np.asarray(0.0, np.float32),
-                         np.asarray(0))
-
-
-def _planted(variables, spec, groups):
-  """BN-folded ``variables`` in which neuron 1 of each group duplicates neuron 0 on every producer array."""
-  flat = traverse_util.flatten_dict(ifjax.fold_batchnorm(variables, spec), sep="/")
-  flat = {k: np.array(a) for k, a in flat.items()}
-  for g in groups:
-    for m in list(g.producers) + [m for m, _ in derived_bn(spec, g) if m.path in flat]:
-      x = np.array(m.neurons_first(flat[m.path]))
-      x[m.offset + 1] = x[m.offset]
-      flat[m.path] = np.asarray(m.restore(x))
-  return traverse_util.unflatten_dict({k: jnp.asarray(a) for k, a in flat.items()}, sep="/")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -60,20 +38,13 @@ def test_model_traces_checks_fuses_and_keeps_duplicates(coverage_models, name):
   assert exact, f"{name}: no exactly fusable group"
   ifjax.check_spec(case.apply, case.variables, spec, case.x)
 
-  sizes = spec.validate(case.variables)
-  run = jax.jit(case.apply)
-  out = lambda v: np.asarray(run(v, case.x), np.float64)
-  dup = _planted(case.variables, spec, exact)
-  plan = {g.name: _merge_plan(sizes[g.name]) for g in exact if sizes[g.name] > 1}
-  ref = out(dup)
-  err = np.max(np.abs(out(ifjax.apply_plan(dup, spec, plan, keep_shapes=True)) - ref)) / np.max(np.abs(ref))
+  err, control = coverage_models.duplicate_errors(case, spec)
   assert err < 1e-4, f"{name}: merging planted duplicates changes the output by {err:.2e} (relative)"
-  # the control: merging neurons that are not duplicates does change it
-  folded = ifjax.fold_batchnorm(case.variables, spec)
-  assert np.max(np.abs(out(ifjax.apply_plan(folded, spec, plan, keep_shapes=True)) - out(folded))) > 1e-3
+  assert control > 1e-3  # merging neurons that are not duplicates does change it
 
-  # Intra-Fusion of every group (up to 256 neurons: ResNet50's wide groups make the exact OT slow)
-  fuse = [g.name for g in spec.groups if sizes[g.name] <= 256]
+  sizes = spec.validate(case.variables)
+  # Intra-Fusion of every group (up to 128 neurons: the flaxmodels ResNets' wide groups make the exact OT slow)
+  fuse = [g.name for g in spec.groups if sizes[g.name] <= 128]
   small = traverse_util.flatten_dict(ifjax.intra_fuse(case.variables, spec, 0.25, groups=fuse), sep="/")
   axes = [(m.path, m.axis) for g in spec.groups for m in g.members]
   for g in spec.groups:  # a member alone on its axis has the group's new width there
@@ -116,6 +87,8 @@ def test_gpt2_heads_from_a_fused_qkv_projection(coverage_models):
   assert sorted(m.offset for m in heads.producers if m.path == qkv) == [0, 4, 8]  # q, k, v heads of 4 dims
   assert all(m.inner == 4 for m in heads.members)
   assert not spec["transformer/Embed_0"].exact
+  small = ifjax.intra_fuse(case.variables, spec, 0.25)  # widths reads the pruned heads off their three segments
+  assert ifjax.widths(small, spec)[heads.name] == 3
 
 
 def test_mixer_token_mixing_is_a_group_and_tokens_stay(coverage_models):
@@ -136,6 +109,14 @@ def test_densenet_bn_and_bias_after_concatenation(coverage_models):
   assert spec.batchnorms == (ifjax.BatchNormPair("dw", "final_bn"),)
 
 
+def test_unet_groupnorm_groups_are_whole_norm_groups(coverage_models):
+  case, spec = _traced(coverage_models, "U-Net")
+  g = spec["enc2a:heads"]  # GroupNorm(num_groups=2) over 10 channels: 2 groups of 5
+  assert g.exact and g.size is None and spec.validate(case.variables)[g.name] == 2
+  assert ifjax.FlatMember("params/enc2a_gn/scale", 0, 0, 1, 5) in g.producers
+  assert ifjax.FlatMember("params/enc2b/kernel", 2, 0, 1, 5) in g.consumers
+
+
 def test_scan_over_stacked_layers(coverage_models):
   case, spec = _traced(coverage_models, "scan transformer")
   g = spec["blocks/mlp/fc1"]
@@ -144,7 +125,7 @@ def test_scan_over_stacked_layers(coverage_models):
   assert not spec["embed"].exact
 
 
-def test_layernorm_fusion_is_not_exact():
+def test_layernorm_fusion_is_not_exact(coverage_models):
   """Why LayerNorm streams are pruning-only: merging two duplicate channels changes the norm's statistics."""
 
   class Net(nn.Module):
@@ -158,8 +139,8 @@ def test_layernorm_fusion_is_not_exact():
   v = Net().init(jax.random.key(0), x)
   spec = ifjax.trace_spec(Net().apply, v, x)
   assert [(g.name, g.exact) for g in spec.groups] == [("a", False)]
-  dup = _planted(v, spec, spec.groups)
-  small = ifjax.apply_plan(dup, spec, {"a": _merge_plan(6)})
+  dup = coverage_models.planted(v, spec, spec.groups)
+  small = ifjax.apply_plan(dup, spec, {"a": coverage_models.merge_plan(6)})
   diff = np.max(np.abs(Net(width=5).apply(small, x) - Net().apply(dup, x)))
   assert diff > 1e-3  # the 5-channel LayerNorm normalises differently
 
@@ -191,3 +172,25 @@ def test_residual_with_input_data_freezes_channels():
   x = jnp.ones((2, 3))
   v = Net().init(jax.random.key(0), x)
   assert ifjax.trace_spec(Net().apply, v, x).names == ["h"]
+
+
+def test_tied_embedding_is_pruning_only():
+  """An embedding table read again as the output projection (``Embed.attend``): one array axis is both a
+  producer and a consumer of the stream, so the stream can be pruned but not fused exactly."""
+
+  class TiedLM(nn.Module):
+
+    @nn.compact
+    def __call__(self, ids):
+      embed = nn.Embed(20, 8, name="embed")
+      h = embed(ids)
+      h = h + nn.Dense(8, name="proj")(nn.gelu(nn.Dense(16, name="fc")(h)))
+      return embed.attend(h)
+
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 20, size=(2, 5)), jnp.int32)
+  v = TiedLM().init(jax.random.key(0), ids)
+  spec = ifjax.trace_spec(TiedLM().apply, v, ids)
+  assert {g.name: g.exact for g in spec.groups} == {"fc": True, "embed": False}
+  assert ("params/embed/embedding", 1, 0) in [tuple(m) for m in spec["embed"].producers]
+  assert "params/embed/embedding" not in [m.path for m in spec["embed"].consumers]
+  ifjax.check_spec(TiedLM().apply, v, spec, ids)
