@@ -194,3 +194,22 @@ def test_tied_embedding_is_pruning_only():
   assert ("params/embed/embedding", 1, 0) in [tuple(m) for m in spec["embed"].producers]
   assert "params/embed/embedding" not in [m.path for m in spec["embed"].consumers]
   ifjax.check_spec(TiedLM().apply, v, spec, ids)
+
+
+def test_sliced_channels_become_groups_of_their_own():
+  """A layer's channels cut by slices (a split into branches): each piece is a group, named by its range."""
+
+  class Branches(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(10, name="a")(x))
+      left, mid, right = h[:, :4], h[:, 4:7], h[:, 7:]
+      return nn.Dense(2, name="l")(left) + nn.Dense(2, name="m")(mid) * nn.Dense(2, name="r")(right)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float32)
+  v = Branches().init(jax.random.key(0), x)
+  spec = ifjax.trace_spec(Branches().apply, v, x)
+  assert spec.names == ["a[0:4]", "a[4:7]", "a[7:10]"]
+  assert [(m.path, m.offset) for m in spec["a[4:7]"].consumers] == [("params/m/kernel", 0)]
+  ifjax.check_spec(Branches().apply, v, spec, x, scaling=True)
