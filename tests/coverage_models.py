@@ -106,6 +106,20 @@ def duplicate_errors(case: Case, spec) -> tuple[float, float]:
           rel(out(ifjax.apply_plan(folded, spec, plan, keep_shapes=True)), out(folded)))
 
 
+def resize_error(case: Case, spec, groups, ratio: float = 0.25) -> tuple[float, int, int]:
+  """Plans ``groups`` at ``ratio``, runs the pruned variables at their smaller shapes with :func:`ifjax.resize`
+  and compares with the full-size model on the zero-padded ``keep_shapes=True`` variables. Returns (relative
+  difference, parameters before, parameters after)."""
+  import ifjax
+
+  plan = ifjax.plan(case.variables, spec, ratio, groups=groups)
+  small = ifjax.apply_plan(case.variables, spec, plan)
+  padded = ifjax.apply_plan(case.variables, spec, plan, keep_shapes=True)
+  small_apply = jax.jit(ifjax.resize(case.apply, case.variables, small, case.x))
+  a, b = (np.asarray(o, np.float64) for o in (small_apply(small, case.x), jax.jit(case.apply)(padded, case.x)))
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b))), ifjax.param_count(case.variables), ifjax.param_count(small)
+
+
 # -- transformers ------------------------------------------------------------------------
 class MLP(nn.Module):
   hidden: int

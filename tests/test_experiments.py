@@ -91,3 +91,20 @@ def test_budget_script_meets_the_flop_budget(tmp_path):
   assert all(float(r["flops"]) <= 0.6 for r in rows[1:])
   assert all(0 <= float(r["accuracy"]) <= 100 for r in rows)
   assert "| global | if_paper |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
+def test_budget_script_iterative_and_data_light(tmp_path):
+  """The sensitivity allocation, 2 steps and the data-light BN reset (one-shot only), then --summarize."""
+  budget = _script("budget")
+  budget.main(["--model", "resnet20", "--flops", "0.6", "--allocations", "sensitivity-internal", "--methods", "default",
+               "if_paper", "--steps", "1", "2", "--modes", "free", "light", "--calib", "20", "--limit", "50",
+               "--out", str(tmp_path)])
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  cells = [(r["method"], r["steps"], r["mode"]) for r in rows[1:]]
+  assert cells == [(m, s, d) for m in ("default", "if_paper") for s, d in (("1", "free"), ("1", "light"), ("2", "free"))]
+  assert all(float(r["flops"]) <= 0.6 for r in rows[1:])
+  budget.main(["--summarize", "--plot", "--out", str(tmp_path)])
+  assert "if_paper, data-light: beats default in" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "accuracy.png").stat().st_size > 0

@@ -2,8 +2,9 @@
 neurons, attention heads, LayerNorm-coupled streams), MLP-Mixer, ConvNeXt, MobileNetV2, a DenseNet block
 (BN and biases after concatenations), a U-Net, ``nn.scan`` and flaxmodels' ResNet18/50, VGG16 and GPT-2.
 
-Per model: the spec traces, ``check_spec`` passes, ``intra_fuse`` shrinks every group, and planted
-exact-duplicate neurons of every exact group, merged with barycentric maps, leave the output unchanged.
+Per model: the spec traces, ``check_spec`` passes, ``intra_fuse`` shrinks every group, the pruned model runs at
+its smaller shapes with ``ifjax.resize``, and planted exact-duplicate neurons of every exact group, merged with
+barycentric maps, leave the output unchanged.
 """
 
 import flax.linen as nn
@@ -52,6 +53,11 @@ def test_model_traces_checks_fuses_and_keeps_duplicates(coverage_models, name):
     if m is not None and sizes[g.name] >= 4 and g.name in fuse:
       width = np.shape(small[m.path])[m.axis] // (m.outer * m.inner)
       assert width == ifjax.kept_count(sizes[g.name], 0.25), (g.name, m)
+
+  # the pruned model runs at its smaller shapes (resize) and computes what the zero-padded full-size one does;
+  # exact groups only: for a norm-coupled group the padded model's norm still counts the dropped channels
+  err, before, after = coverage_models.resize_error(case, spec, [g.name for g in exact if g.name in fuse])
+  assert err < 1e-4 and after < before, (name, err, before, after)
 
 
 def _names(spec):
