@@ -82,8 +82,9 @@ def main(argv=None):
   ap.add_argument("--out", type=pathlib.Path, required=True)
   args = ap.parse_args(argv)
   if args.summarize:
-    rows = [{k: v if k in ("model", "allocation", "method", "mode") else int(v) if k in ("steps", "params") else float(v)
-             for k, v in r.items()} for r in csv.DictReader(open(args.out / "results.csv"))]
+    text = ("model", "allocation", "method", "mode")
+    rows = [{k: v if k in text else int(v) if k in ("steps", "params") else float(v) for k, v in r.items()}
+            for r in csv.DictReader(open(args.out / "results.csv"))]
     first = (args.out / "results.md").read_text().splitlines()[0]
     write(rows, args, 0, None, header=first)
     if args.plot:
@@ -136,7 +137,8 @@ def main(argv=None):
           t_fuse = time.perf_counter() - t
           for mode in args.modes if steps == 1 else ["free"]:
             t = time.perf_counter()
-            vm = v if mode == "free" else ifjax.recalibrate_batchnorm(train_apply(widths), v, variables, spec, pl, calib)
+            vm = v if mode == "free" else \
+                ifjax.recalibrate_batchnorm(train_apply(widths), v, variables, spec, pl, calib)
             rows.append(dict(model=args.model, target=target, allocation=name, method=meth, steps=steps, mode=mode,
                              flops=alloc.cost / alloc.dense_cost, params=ifjax.param_count(vm),
                              accuracy=accuracy(vm, widths), seconds=t_alloc + t_fuse + time.perf_counter() - t))
@@ -159,7 +161,8 @@ def win_rates(rows: list[dict]) -> list[str]:
       pairs = [(c[meth], c["default"]) for k, c in cells.items() if k[3] == mode and meth in c and "default" in c]
       if pairs:
         wins = sum(a > b for a, b in pairs)
-        out.append(f"- {meth}, data-{mode}: beats default in {wins} of {len(pairs)} cells ({100 * wins / len(pairs):.0f}%); "
+        out.append(f"- {meth}, data-{mode}: beats default in {wins} of {len(pairs)} cells "
+                   f"({100 * wins / len(pairs):.0f}%); "
                    f"mean difference {np.mean([a - b for a, b in pairs]):+.2f} points")
   return out
 
@@ -171,7 +174,8 @@ def write(rows: list[dict], args, n_images: int, argv, header: str | None = None
     writer.writerows(rows)
   command = "python experiments/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)
   lines = [header or f"`{command}` ({n_images} test images)", "",
-           "| allocation | method | steps | mode | budget | FLOPs kept | params | accuracy |", "|---|---|---|---|---|---|---|---|"]
+           "| allocation | method | steps | mode | budget | FLOPs kept | params | accuracy |",
+           "|---|---|---|---|---|---|---|---|"]
   lines += [f"| {r['allocation']} | {r['method']} | {r['steps']} | {r['mode']} | {100 * r['target']:.0f}% | "
             f"{100 * r['flops']:.1f}% | {r['params']:,} | {r['accuracy']:.2f} |" for r in rows]
   lines += ["", "Win rate of IF over default at equal allocation (same budget, allocation, steps and mode; after the "

@@ -161,8 +161,9 @@ class Allocation(NamedTuple):
 
 
 def allocate(variables: Variables, spec: Spec, *, target_params: float | None = None,
-             target_flops: float | None = None, method: str = "uniform", rebuild: Callable[[dict], Callable] | None = None,
-             example_args: tuple = (), example_kwargs: Mapping[str, Any] | None = None, importance: Any = "l1",
+             target_flops: float | None = None, method: str = "uniform",
+             rebuild: Callable[[dict], Callable] | None = None, example_args: tuple = (),
+             example_kwargs: Mapping[str, Any] | None = None, importance: Any = "l1",
              protect: Iterable[str | int] = (), groups: Any = None) -> Allocation:
   """Per-group ratios whose pruned network costs at most the target, for ``plan(variables, spec, ratios)``.
 

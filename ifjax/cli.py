@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--groups", nargs="+", metavar="GROUP", help="group names or paper indices (0 = closest to the "
                  "output); default all")
   p.add_argument("--protect", nargs="+", metavar="GROUP", default=(), help="with a target: groups kept whole")
-  p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
-                 help="with a target: one ratio for all groups, or neurons ranked across groups (default uniform)")
+  p.add_argument("--allocation", choices=("uniform", "global", "sensitivity"), default="uniform",
+                 help="with a target: one ratio for all groups (default), neurons ranked across groups by importance "
+                 "(global), or by BN-statistics sensitivity per unit of cost (sensitivity, data-free)")
   p.add_argument("--method", choices=("if", "default"), default="if",
                  help="if: Intra-Fusion (optimal transport); default: keep the most important (default if)")
   p.add_argument("--normalization", choices=("paper", "barycentric"), default="paper", help="Intra-Fusion's "

@@ -86,7 +86,8 @@ def test_allocate_flops_protect_and_errors(mlp, method):
   module, spec, v = mlp
   x = jnp.ones((1, 20))
   rebuild = lambda w: ifjax.models.get("mlp", widths=w)[0].apply
-  alloc = ifjax.allocate(v, spec, target_flops=0.5, rebuild=rebuild, example_args=(x,), protect=["dense1"], method=method)
+  alloc = ifjax.allocate(v, spec, target_flops=0.5, rebuild=rebuild, example_args=(x,), protect=["dense1"],
+                         method=method)
   assert set(alloc.ratios) == {"dense0"} and alloc.kept["dense0"] < 128
   small = ifjax.prune(v, spec, alloc.ratios)
   small_module, _ = ifjax.models.get("mlp", widths=ifjax.widths(small, spec))
@@ -140,7 +141,8 @@ class BnMLP(nn.Module):
     return nn.BatchNorm(use_running_average=True, name="bn2")(nn.Dense(5, use_bias=False, name="fc2")(h))
 
 
-BN_SPEC = ifjax.Spec((ifjax.Group("h", [("params/fc1/kernel", 1), ("params/fc1/bias", 0)], [("params/fc2/kernel", 0)]),),
+BN_SPEC = ifjax.Spec((ifjax.Group("h", [("params/fc1/kernel", 1), ("params/fc1/bias", 0)],
+                                  [("params/fc2/kernel", 0)]),),
                      (("fc1", "bn1"), ("fc2", "bn2")))
 
 

@@ -17,7 +17,9 @@ from flax import traverse_util
 import ifjax
 
 MODELS = ["ViT", "MLP-Mixer", "ConvNeXt", "MobileNetV2", "DenseNet", "U-Net", "scan transformer",
-          "flaxmodels ResNet18", "flaxmodels ResNet50", "flaxmodels VGG16", "flaxmodels GPT-2"]
+          "flaxmodels ResNet18", "flaxmodels ResNet50", "flaxmodels VGG16", "flaxmodels GPT-2",
+          "zoo mlp", "zoo lenet5", "zoo resnet20", "zoo vgg11_bn", "zoo resnet18",
+          *(pytest.param(f"zoo {n}", marks=pytest.mark.slow) for n in ("resnet56", "resnet50", "efficientnet_lite0"))]
 
 _SPECS = {}
 

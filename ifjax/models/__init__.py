@@ -16,8 +16,8 @@ import numpy as np
 
 from ifjax._spec import Spec
 from ifjax.models._efficientnet import EfficientNetLite0, efficientnet_lite0_spec, efficientnet_lite0_torch_keys
-from ifjax.models._pretrained import (CIFAR_RESNET_DEPTHS, CifarResNet, LeNet5, cifar_resnet_spec,
-                                     cifar_resnet_torch_keys, lenet5_spec, lenet5_torch_keys)
+from ifjax.models._cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet_spec, cifar_resnet_torch_keys
+from ifjax.models._lenet5 import LeNet5, lenet5_spec, lenet5_torch_keys
 from ifjax.models._zoo import MLP, VGG11BN, ResNet18, ResNet50, mlp_spec, resnet18_spec, resnet50_spec, vgg11_bn_spec
 
 # name -> (module factory(num_classes, widths), spec factory(widths), torch key map factory or None)

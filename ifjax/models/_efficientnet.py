@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ifjax._spec import Group, Spec
-from ifjax.models._pretrained import bn_torch_keys
+from ifjax.models._cifar_resnet import bn_torch_keys
 from ifjax.models._zoo import Widths
 
 BN_EPS = 1e-3

@@ -718,7 +718,7 @@ def resize_nnx(model, small_variables):
   """
   from flax import nnx
 
-  from ifjax._trace import nnx_apply
+  from ifjax._trace.nnx import nnx_apply
 
   _, variables = nnx_apply(model)
   leaves, treedef = jax.tree_util.tree_flatten(variables)

@@ -1,0 +1,19 @@
+"""Programs as functions: tracing a model's jaxpr into a group spec, checking a spec, re-running at new shapes.
+
+* :mod:`~ifjax._trace.values`: channel-class segments, classes and the values the tracer tracks;
+* :mod:`~ifjax._trace.interpreter`: the jaxpr interpreter (union-find over classes, element-wise ops),
+  with the primitive rules of :mod:`~ifjax._trace.shape_rules` and :mod:`~ifjax._trace.contraction_rules`;
+* :mod:`~ifjax._trace.spec`: :func:`trace_spec`, the Spec from a finished trace;
+* :mod:`~ifjax._trace.check`: :func:`check_spec`;
+* :mod:`~ifjax._trace.resize`: :func:`resize` / :func:`resize_nnx`;
+* :mod:`~ifjax._trace.nnx`: :func:`nnx_apply`, the NNX adapter.
+"""
+
+from ifjax._trace.check import SpecCheckError, check_spec
+from ifjax._trace.nnx import nnx_apply
+from ifjax._trace.resize import ResizeError, resize, resize_nnx
+from ifjax._trace.spec import trace_spec
+from ifjax._trace.values import UnsupportedPrimitiveError
+
+__all__ = ["ResizeError", "SpecCheckError", "UnsupportedPrimitiveError", "check_spec", "nnx_apply", "resize",
+           "resize_nnx", "trace_spec"]
