@@ -16,8 +16,8 @@ from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_mod
 from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
 from ifjax._save import restore, save
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, match_groups, widths
-from ifjax._trace import (ResizeError, SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, resize,
-                          resize_nnx, trace_spec)
+from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
+from ifjax._trace.resize import ResizeError, resize, resize_nnx
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
 
 __version__ = "0.1.0"

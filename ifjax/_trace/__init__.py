@@ -5,15 +5,14 @@
   with the primitive rules of :mod:`~ifjax._trace.shape_rules` and :mod:`~ifjax._trace.contraction_rules`;
 * :mod:`~ifjax._trace.spec`: :func:`trace_spec`, the Spec from a finished trace;
 * :mod:`~ifjax._trace.check`: :func:`check_spec`;
-* :mod:`~ifjax._trace.resize`: :func:`resize` / :func:`resize_nnx`;
+* :mod:`~ifjax._trace.resize`: :func:`resize` / :func:`resize_nnx` (imported from there, not re-exported here:
+  the name ``resize`` would hide the module);
 * :mod:`~ifjax._trace.nnx`: :func:`nnx_apply`, the NNX adapter.
 """
 
 from ifjax._trace.check import SpecCheckError, check_spec
 from ifjax._trace.nnx import nnx_apply
-from ifjax._trace.resize import ResizeError, resize, resize_nnx
 from ifjax._trace.spec import trace_spec
 from ifjax._trace.values import UnsupportedPrimitiveError
 
-__all__ = ["ResizeError", "SpecCheckError", "UnsupportedPrimitiveError", "check_spec", "nnx_apply", "resize",
-           "resize_nnx", "trace_spec"]
+__all__ = ["SpecCheckError", "UnsupportedPrimitiveError", "check_spec", "nnx_apply", "trace_spec"]
