@@ -160,6 +160,19 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     array([[1., 0., 1., 0.],
            [0., 1., 0., 1.]], dtype=float32)
   """
+  return _plan(variables, spec, ratio, groups=groups, importance=importance, fuse=fuse, solver=solver, target=target,
+               source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p,
+               include_bias=include_bias, epsilon=epsilon, threshold=threshold, max_iterations=max_iterations,
+               fallback=fallback, seed=seed)[0]
+
+
+def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
+          importance: Any = "l1", fuse: bool = True, solver: str = "exact", target: str = "most_important",
+          source_mass: str = "uniform", target_mass: str = "uniform", normalization: str = "paper",
+          p: float = 1.0, include_bias: bool = False, epsilon: float = 1e-3, threshold: float = 1e-3,
+          max_iterations: int = 10000, fallback: str = "exact", seed: int = 0) -> tuple[Plan, dict]:
+  """:func:`plan`, and the BN-folded flat variables it planned on (for :func:`intra_fuse` / :func:`prune`,
+  which apply the plan to them without folding and validating a second time)."""
   traced = is_traced(variables)
   if traced and solver == "exact":
     raise ValueError("solver='exact' runs POT on the host and cannot be traced; inside jax.jit use "
@@ -203,7 +216,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
   pruned = {name: GroupPlan(keep, scores, None, None, None, xp.asarray(True), xp.asarray(0.0, xp.float32),
                             xp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items() if not fuse or not g.exact}
   if not fuse:
-    return pruned
+    return pruned, flat
 
   problems = {}
   for name, (g, n, m, scores, keep) in prepared.items():
@@ -252,7 +265,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     g, n, m, scores, keep = prepared[name]
     out[name] = GroupPlan(keep, scores, t.matrix, *transport_maps(t.matrix, normalization), t.converged,
                           t.marginal_error, t.iterations)
-  return {name: out[name] if name in out else pruned[name] for name in prepared}
+  return {name: out[name] if name in out else pruned[name] for name in prepared}, flat
 
 
 def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Array]:
@@ -319,7 +332,11 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: boo
   traced = is_traced((variables, plan))
   if not traced:
     variables, plan = on_host((variables, plan))
-  flat = folded_flat(variables, spec)
+  return _apply_folded(folded_flat(variables, spec), spec, plan, keep_shapes, traced)
+
+
+def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Plan, keep_shapes: bool, traced: bool) -> dict:
+  """:func:`apply_plan` on BN-folded flat variables and a plan already checked against them."""
 
   def roles(g: Group):
     out = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
@@ -441,9 +458,9 @@ def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupS
     Array([[2., 0.],
            [0., 2.]], dtype=float32)
   """
-  pl = plan(variables, spec, ratio, groups=groups, importance=importance, solver=solver, target=target,
-            source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p, **options)
-  return apply_plan(variables, spec, pl)
+  pl, flat = _plan(variables, spec, ratio, groups=groups, importance=importance, solver=solver, target=target,
+                   source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p, **options)
+  return _apply_folded(flat, spec, pl, False, is_traced(variables))
 
 
 def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
@@ -464,7 +481,8 @@ def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     >>> ifjax.widths(small, spec)
     {'hidden': 2}
   """
-  return apply_plan(variables, spec, plan(variables, spec, ratio, groups=groups, importance=importance, fuse=False))
+  pl, flat = _plan(variables, spec, ratio, groups=groups, importance=importance, fuse=False)
+  return _apply_folded(flat, spec, pl, False, is_traced(variables))
 
 
 # -- input checks ------------------------------------------------------------------
