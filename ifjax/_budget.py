@@ -203,7 +203,7 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   if not selected:
     raise ValueError("allocate: every selected group is protected; nothing to prune")
   full = plan(variables, spec, 0.0, groups=selected, importance=importance, fuse=False)
-  sizes = {g: int(np.shape(p.importance)[0]) for g, p in full.items()}
+  sizes = {g: p.n for g, p in full.items()}
   dense_widths = spec.validate(variables)
   kwargs = dict(example_kwargs or {})
 

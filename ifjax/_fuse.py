@@ -214,7 +214,8 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     prepared[g.name] = (g, n, m, scores, keep)
 
   pruned = {name: GroupPlan(keep, scores, None, None, None, xp.asarray(True), xp.asarray(0.0, xp.float32),
-                            xp.asarray(0)) for name, (g, n, m, scores, keep) in prepared.items() if not fuse or not g.exact}
+                            xp.asarray(0))
+            for name, (g, n, m, scores, keep) in prepared.items() if not fuse or not g.exact}
   if not fuse:
     return pruned, flat
 
@@ -340,7 +341,8 @@ def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Plan, keep_shapes: 
 
   def roles(g: Group):
     out = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
-    return out + [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
+    return out + [(m, "producer" if role == "shift" else "identity")
+                  for m, role in derived_bn(spec, g) if m.path in flat]
 
   out = unflatten(edit_members(flat, spec, plan, roles, keep_shapes))
   return out if traced else to_jax(out)
@@ -428,7 +430,8 @@ def iterative_fuse(variables: Variables, spec: Spec | Callable[[Mapping[str, int
   for target in step_widths({g: now[g] for g in ratios}, ratios, steps):
     rel = relative_ratios(now, target)
     if rel:
-      v = apply_plan(v, sp, plan(v, sp, rel, fuse=fuse, **options))
+      pl, flat = _plan(v, sp, rel, fuse=fuse, **options)
+      v = _apply_folded(flat, sp, pl, False, is_traced(v))
       if build is not None:
         sp = build({**now, **target})
       now = sp.validate(v)
@@ -496,7 +499,8 @@ def _checked(variables: Variables, spec: Spec) -> dict[str, int]:
   :meth:`Spec.validate`'s ``{group: neuron count}`` (folding keeps every shape)."""
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError("variables must be a Flax variables dict with a 'params' collection, "
-                     f"got {type(variables).__name__}" + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else ""))
+                     f"got {type(variables).__name__}"
+                     + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else ""))
   flat = flatten(variables)
   sizes = spec.validate(variables)
   paths = {m.path for g in spec.groups for m in g.members}

@@ -29,6 +29,7 @@ import numpy as np
 from ifjax import _transport
 from ifjax._batchnorm import derived_bn, folded_flat, input_statistics, with_statistics
 from ifjax._fuse import ConvergenceWarning, GroupPlan, _bias_members, _check_choice, _checked, edit_members
+from ifjax._repair import mapped_statistics
 from ifjax._spec import Group, Member, Spec, Variables, flatten, member_rows, on_host, to_jax, unflatten
 
 
@@ -107,7 +108,7 @@ def fuse_models(variables_list: Sequence[Variables], spec: Spec, *,
     out[path] = jnp.asarray(total, jnp.result_type(a0))
   if unfold_bn and options.get("fold_bn", True):
     groups = {g.name: g for g in spec.groups}
-    stats = [_apply_maps(input_statistics(v, spec), spec, [(groups[n], a.map) for n, a in m.items()], bn_only=True)
+    stats = [mapped_statistics(input_statistics(v, spec), spec, _maps_plan([(groups[n], a.map) for n, a in m.items()]))
              for v, m in zip(variables_list, aligned.maps)]
     mean = {p: sum(wi * np.asarray(st[p], np.float64) for wi, st in zip(w, stats)) for p in stats[0]}
     out = to_jax(with_statistics(on_host(out), spec, mean))
@@ -288,19 +289,21 @@ def _solve(names: Sequence[str], costs: list[jax.Array], *, solver, epsilon, thr
   return out
 
 
-def _apply_maps(flat: Mapping[str, Any], spec: Spec, group_maps: Iterable[tuple[Group, jax.Array]],
-                bn_only: bool = False) -> dict:
-  """``flat`` with every member of each group (and the BN arrays of its producer layers; only those with
-  ``bn_only``) mapped: the group's n entries along the member axis become ``map @ entries``. The segment-edit
-  loop of :func:`ifjax.apply_plan` (``edit_members``), with (n, n) maps on both sides."""
-  plan = {g.name: GroupPlan(None, jnp.zeros(mat.shape[0]), None, mat, mat, jnp.asarray(True), jnp.asarray(0.0),
+def _maps_plan(group_maps: Iterable[tuple[Group, jax.Array]]) -> dict[str, GroupPlan]:
+  """A plan whose (n, n) ``map`` per group is both its producer and its consumer map."""
+  return {g.name: GroupPlan(None, jnp.zeros(mat.shape[0]), None, mat, mat, jnp.asarray(True), jnp.asarray(0.0),
                             jnp.asarray(0)) for g, mat in group_maps}
 
-  def roles(g: Group):
-    return [(m, "producer") for m in (*(() if bn_only else g.members),
-                                      *(m for m, _ in derived_bn(spec, g) if m.path in flat))]
 
-  return edit_members(flat, spec, plan, roles)
+def _apply_maps(flat: Mapping[str, Any], spec: Spec, group_maps: Iterable[tuple[Group, jax.Array]]) -> dict:
+  """``flat`` with every member of each group (and the BN arrays of its producer layers) mapped: the group's
+  n entries along the member axis become ``map @ entries``. The segment-edit loop of :func:`ifjax.apply_plan`
+  (``edit_members``), with (n, n) maps on both sides."""
+
+  def roles(g: Group):
+    return [(m, "producer") for m in (*g.members, *(m for m, _ in derived_bn(spec, g) if m.path in flat))]
+
+  return edit_members(flat, spec, _maps_plan(group_maps), roles)
 
 
 # -- input checks ----------------------------------------------------------------------------

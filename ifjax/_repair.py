@@ -92,13 +92,17 @@ def unfold_batchnorm(pruned: Variables, variables: Variables, spec: Spec, plan: 
   Returns:
     New variables at the pruned shapes; the inputs are not modified.
   """
-  statistics = input_statistics(variables, spec)
+  statistics = mapped_statistics(input_statistics(variables, spec), spec, plan)
+  return to_jax(unflatten(with_statistics(on_host(flatten(pruned)), spec, statistics)))
 
+
+def mapped_statistics(statistics: Mapping[str, Any], spec: Spec, plan: Plan) -> dict[str, np.ndarray]:
+  """:func:`ifjax._batchnorm.input_statistics` of the original channels -> those of the planned channels: each
+  group's producer map applied to the BN arrays of its producer layers (means and deviations map linearly)."""
   def roles(g):
     return [(m, "producer") for m, _ in derived_bn(spec, g) if m.path in statistics]
 
-  statistics = on_host(edit_members(statistics, spec, on_host(plan), roles))  # each channel's fused estimate
-  return to_jax(unflatten(with_statistics(on_host(flatten(pruned)), spec, statistics)))
+  return on_host(edit_members(statistics, spec, on_host(plan), roles))
 
 
 def _select_kept(arrays: Mapping[str, jax.Array], spec: Spec, plan: Plan) -> dict[str, jax.Array]:

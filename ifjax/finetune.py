@@ -67,8 +67,8 @@ def taylor(module, batches) -> Callable:
 def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float | Mapping[str | int, float],
                        train_data, *, method: str = "if", groups=None, steps: int = 1, epochs_per_step: int = 0,
                        finetune_epochs: int = 0, optimizer=None, importance: Any = "l1", taylor_batches: int = 5,
-                       recalibrate: int = 0, unfold_bn: bool = True, eval_data=None, mesh=None, batch_size: int = 128, augment=None,
-                       seed: int = 0, progress: bool = True, **plan_options) -> PruneResult:
+                       recalibrate: int = 0, unfold_bn: bool = True, eval_data=None, mesh=None, batch_size: int = 128,
+                       augment=None, seed: int = 0, progress: bool = True, **plan_options) -> PruneResult:
   """Prunes ``groups`` of ``model`` to ``ratio`` in ``steps`` steps, each followed by ``epochs_per_step``
   epochs of fine-tuning, then fine-tunes ``finetune_epochs`` more.
 

@@ -44,14 +44,6 @@ def rel_err():
 @pytest.fixture(scope="session")
 def coverage_models():
   """``tests/coverage_models.py`` (the models of the README coverage table) as a module: ``build(name)``, ``CASES``."""
-  import importlib.util
-  import pathlib
-  import sys
+  import coverage_models  # tests/ is on pytest's pythonpath (pyproject.toml)
 
-  if "coverage_models" not in sys.modules:
-    path = pathlib.Path(__file__).with_name("coverage_models.py")
-    spec = importlib.util.spec_from_file_location("coverage_models", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["coverage_models"] = module  # before exec: flax dataclasses look their module up
-    spec.loader.exec_module(module)
-  return sys.modules["coverage_models"]
+  return coverage_models

@@ -2,9 +2,8 @@
 
 Every builder returns a :class:`Case`: ``apply(variables, x)`` gives one output array, ``variables`` have
 non-trivial norm statistics and affine parameters (so permutation checks have teeth), ``x`` is an example
-input. Load this file with the ``coverage_models`` fixture of ``tests/conftest.py``, or by path::
-
-    spec = importlib.util.spec_from_file_location("coverage_models", "tests/coverage_models.py")
+input. Tests import it by name (``tests/`` is on pytest's ``pythonpath``) or take the ``coverage_models``
+fixture of ``tests/conftest.py``; ``experiments/coverage_table.py`` loads it by path.
 
 ``CASES`` maps a model name to its builder; ``build(name)`` builds one; ``duplicate_errors(case, spec)``
 measures exact-duplicate preservation. Nothing heavy runs at import.

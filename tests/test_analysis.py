@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
+import importlib
 import subprocess
 import sys
 
@@ -176,11 +175,7 @@ def test_import_ifjax_does_not_load_matplotlib():
 
 
 def _script(name):
-  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return importlib.import_module(name)  # experiments/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_param_counts_match_the_papers_table_9():

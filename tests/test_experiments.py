@@ -1,21 +1,15 @@
 """The data-free experiment script end to end on a tiny grid of the real LeNet5 (skips without the data)."""
 
 import csv
-import importlib.util
-import pathlib
+import importlib
 
 import pytest
 
 import ifjax
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _script(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return importlib.import_module(name)  # experiments/ is on pytest's pythonpath (pyproject.toml)
 
 
 def test_method_names():

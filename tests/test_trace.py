@@ -1,7 +1,5 @@
 """trace_spec / check_spec on models nobody wrote a spec for."""
 
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -223,14 +221,8 @@ def test_check_spec_names_missing_and_foreign_members():
 
 def test_trace_then_fuse_equals_hand_spec_on_digits_cnn():
   """The example CNN of the main job: traced spec == hand spec, and fusion is bit-identical."""
-  import importlib.util
-  import pathlib
+  import digits  # experiments/ is on pytest's pythonpath (pyproject.toml)
 
-  path = pathlib.Path(__file__).parents[1] / "experiments" / "digits.py"
-  mod_spec = importlib.util.spec_from_file_location("digits", path)
-  digits = importlib.util.module_from_spec(mod_spec)
-  sys.modules["digits"] = digits
-  mod_spec.loader.exec_module(digits)
   consumers = {"conv0": ("params/conv1/kernel", 2), "conv1": ("params/conv2/kernel", 2),
                "conv2": ("params/fc/kernel", 0)}
   hand = ifjax.Spec([ifjax.Group(name, [(f"params/{name}/kernel", 3), (f"params/{name}/bias", 0)], [consumer])
