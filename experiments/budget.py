@@ -12,10 +12,13 @@ FLOP, :func:`ifjax.bn_sensitivity`). "Internal" groups are the ones named ``bloc
 allocation, default pruning and Intra-Fusion (paper / barycentric normalisation) run in one shot
 (``--steps 1``) or in k steps re-planned on the fused weights (:func:`ifjax.iterative_fuse`).
 
-Modes: ``free`` (data-free: nothing but the weights) and ``light`` (BN statistics re-estimated with
-:func:`ifjax.recalibrate_batchnorm` on ``--calib`` unlabelled training images; CIFAR: the first images of
-the class-balanced training subset; EfficientNet-Lite0: ImageNet sample images 500.. that are not evaluated).
-``light`` needs the one-shot plan, so it is run for ``--steps 1`` only.
+Modes: ``free`` (data-free: nothing but the weights), ``synthetic`` (still data-free: BN statistics
+re-estimated with :func:`ifjax.recalibrate_batchnorm` on ``--synthetic`` inputs that
+:func:`ifjax.synthesize_inputs` makes from the dense network's own BN statistics, no image involved; cached in
+``--out`` as ``synthetic_<count>x<steps>.npy``) and ``light`` (the same re-estimation on ``--calib`` unlabelled
+training images; CIFAR: the first images of the class-balanced training subset; EfficientNet-Lite0: ImageNet
+sample images 500.. that are not evaluated). ``synthetic`` and ``light`` need the one-shot plan, so they are run
+for ``--steps 1`` only.
 
 Evaluation: CIFAR-10 JPEG test images (``--limit``: a class-balanced subset), or for EfficientNet-Lite0 top-1
 on the first ``--limit`` ImageNet sample images (one per class). Writes ``results.csv``, ``results.md`` (with
@@ -40,6 +43,8 @@ from ifjax import data
 METHODS = {"default": dict(fuse=False), "if_paper": dict(normalization="paper"),
            "if_bary": dict(normalization="barycentric")}
 ALLOCATIONS = ["uniform-internal", "uniform", "global", "global-internal", "sensitivity", "sensitivity-internal"]
+MODES = ["free", "synthetic", "light"]
+MODE_TITLES = {"free": "data-free", "synthetic": "data-free, synthetic BN", "light": "data-light"}
 FIELDS = ["model", "target", "allocation", "method", "steps", "mode", "flops", "params", "accuracy", "seconds"]
 
 
@@ -72,7 +77,9 @@ def main(argv=None):
                   choices=ALLOCATIONS)
   ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   ap.add_argument("--steps", type=int, nargs="+", default=[1], help="1: one shot; k > 1: iterative_fuse in k steps")
-  ap.add_argument("--modes", nargs="+", default=["free"], choices=["free", "light"])
+  ap.add_argument("--modes", nargs="+", default=["free"], choices=MODES)
+  ap.add_argument("--synthetic", type=int, default=256, help="synthetic inputs for --modes synthetic")
+  ap.add_argument("--synthetic-steps", type=int, default=200, help="Adam steps per batch of synthetic inputs")
   ap.add_argument("--calib", type=int, default=500, help="unlabelled images for the BN re-estimation of --modes light")
   ap.add_argument("--limit", type=int, help="evaluate on this many test images (class-balanced for CIFAR)")
   ap.add_argument("--batch-size", type=int, default=500)
@@ -113,6 +120,9 @@ def main(argv=None):
     return 100.0 * hits / len(y)
 
   args.out.mkdir(parents=True, exist_ok=True)
+  batches = {"light": calib}
+  if "synthetic" in args.modes:
+    batches["synthetic"] = synthetic_batches(train_apply(dense_widths), variables, x.shape[1:], args)
   rows = [dict(model=args.model, target=1.0, allocation="dense", method="-", steps=0, mode="-", flops=1.0,
                params=ifjax.param_count(variables), accuracy=accuracy(variables, dense_widths), seconds=0.0)]
   print(f"{args.model} dense: {rows[0]['accuracy']:.2f}% on {len(y)} images", flush=True)
@@ -135,10 +145,10 @@ def main(argv=None):
           else:
             v = ifjax.iterative_fuse(variables, build_spec, alloc.ratios, steps=steps, **METHODS[meth])
           t_fuse = time.perf_counter() - t
-          for mode in args.modes if steps == 1 else ["free"]:
+          for mode in [m for m in MODES if m in args.modes] if steps == 1 else ["free"]:
             t = time.perf_counter()
             vm = v if mode == "free" else \
-                ifjax.recalibrate_batchnorm(train_apply(widths), v, variables, spec, pl, calib)
+                ifjax.recalibrate_batchnorm(train_apply(widths), v, variables, spec, pl, batches[mode])
             rows.append(dict(model=args.model, target=target, allocation=name, method=meth, steps=steps, mode=mode,
                              flops=alloc.cost / alloc.dense_cost, params=ifjax.param_count(vm),
                              accuracy=accuracy(vm, widths), seconds=t_alloc + t_fuse + time.perf_counter() - t))
@@ -150,6 +160,22 @@ def main(argv=None):
     plot(rows, args.out / "accuracy.png")
 
 
+def synthetic_batches(apply_fn, variables, input_shape, args) -> list[np.ndarray]:
+  """``--synthetic`` inputs made from the dense network's BN statistics (cached in ``--out``), in batches of 128."""
+  path = args.out / f"synthetic_{args.synthetic}x{args.synthetic_steps}.npy"
+  if path.exists():
+    inputs = np.load(path)
+  else:
+    t = time.perf_counter()
+    made = ifjax.synthesize_inputs(apply_fn, variables, tuple(input_shape), count=args.synthetic,
+                                   steps=args.synthetic_steps)
+    inputs = made.inputs
+    np.save(path, inputs)
+    print(f"synthetic inputs: {len(inputs)} in {time.perf_counter() - t:.0f} s, BN-statistics gap "
+          f"{made.losses[:, 0].mean():.3f} -> {made.losses[:, -1].mean():.3f}", flush=True)
+  return [inputs[i:i + 128] for i in range(0, len(inputs), 128)]
+
+
 def win_rates(rows: list[dict]) -> list[str]:
   """IF over default at equal allocation (same budget, allocation, steps): wins / cells per normalisation and mode."""
   cells = {}
@@ -157,11 +183,11 @@ def win_rates(rows: list[dict]) -> list[str]:
     cells.setdefault((r["target"], r["allocation"], r["steps"], r["mode"]), {})[r["method"]] = r["accuracy"]
   out = []
   for meth in ("if_paper", "if_bary"):
-    for mode in ("free", "light"):
+    for mode in MODES:
       pairs = [(c[meth], c["default"]) for k, c in cells.items() if k[3] == mode and meth in c and "default" in c]
       if pairs:
         wins = sum(a > b for a, b in pairs)
-        out.append(f"- {meth}, data-{mode}: beats default in {wins} of {len(pairs)} cells "
+        out.append(f"- {meth}, {MODE_TITLES[mode]}: beats default in {wins} of {len(pairs)} cells "
                    f"({100 * wins / len(pairs):.0f}%); "
                    f"mean difference {np.mean([a - b for a, b in pairs]):+.2f} points")
   return out
@@ -191,7 +217,7 @@ def plot(rows: list[dict], path: pathlib.Path):
   import matplotlib.pyplot as plt
 
   dense = rows[0]["accuracy"]
-  panels = sorted({(r["mode"], r["allocation"]) for r in rows[1:]}, key=lambda p: (p[0] != "free", p[1]))
+  panels = sorted({(r["mode"], r["allocation"]) for r in rows[1:]}, key=lambda p: (MODES.index(p[0]), p[1]))
   fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 2.8), sharey=True, squeeze=False)
   colors = {"default": "tab:gray", "if_paper": "tab:blue", "if_bary": "tab:orange"}
   for ax, (mode, alloc) in zip(axes.flat, panels):
@@ -203,7 +229,7 @@ def plot(rows: list[dict], path: pathlib.Path):
           ax.plot(*zip(*pts), marker="o", ms=3, color=colors[meth], ls="-" if steps == 1 else "--",
                   label=meth + ("" if steps == 1 else f" ({steps} steps)"))
     ax.axhline(dense, color="k", lw=0.6, ls=":")
-    ax.set_title(f"{alloc}, data-{'free' if mode == 'free' else 'light'}", fontsize=8)
+    ax.set_title(f"{alloc}, {MODE_TITLES[mode]}", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_xlabel("FLOPs kept", fontsize=7)
   axes.flat[0].set_ylabel(f"accuracy (%) ({rows[0]['model']})", fontsize=7)

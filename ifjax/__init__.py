@@ -16,6 +16,7 @@ from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_mod
 from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
 from ifjax._save import restore, save
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, match_groups, widths
+from ifjax._synthetic import SyntheticInputs, bn_statistics_gap, synthesize_inputs
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
 from ifjax._trace.resize import ResizeError, resize, resize_nnx
 from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
@@ -39,6 +40,7 @@ __all__ = [
     "ResizeError",
     "Spec",
     "SpecCheckError",
+    "SyntheticInputs",
     "Transport",
     "UnsupportedPrimitiveError",
     "align_models",
@@ -46,6 +48,7 @@ __all__ = [
     "analysis",
     "apply_plan",
     "bn_sensitivity",
+    "bn_statistics_gap",
     "check_spec",
     "enable_compilation_cache",
     "finetune",
@@ -75,6 +78,7 @@ __all__ = [
     "solve_sinkhorn",
     "split_data",
     "state_dict",
+    "synthesize_inputs",
     "trace_spec",
     "train",
     "transport_maps",

@@ -73,8 +73,10 @@ _PRUNE_EPILOG = f"""examples:
   ifjax prune --model resnet20 --ratio 0.3 --groups 0 1 layer3_2/conv1 --method default --out r20_three
   ifjax prune --model resnet56 --target-flops 0.5 --protect stream1 stream2a stream2b stream3a stream3b --out r56
   ifjax prune --model vgg11_bn --checkpoint runs/vgg11/final --ratio 0.5 --out vgg_if50
+  ifjax prune --model resnet56 --ratio 0.5 --groups $(seq 5 31) --synthetic-bn 256 --out r56_if50_bn
 
-The output is an ifjax.save checkpoint: variables (BatchNorms folded), spec and widths. In Python:
+The output is an ifjax.save checkpoint: variables (BatchNorms folded, or re-estimated with --synthetic-bn), spec
+and widths. In Python:
   variables, spec, widths, _ = ifjax.restore("r20_if50")
   module, _ = ifjax.models.get("resnet20", widths=widths)
 
@@ -129,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "normalization of the transport map (default paper)")
   p.add_argument("--importance", choices=sorted(ifjax.importance.BUILTIN), default="l1", help="default l1")
   p.add_argument("--solver", choices=("exact", "sinkhorn"), default="exact", help="OT solver (default exact)")
+  p.add_argument("--synthetic-bn", type=int, default=0, metavar="N",
+                 help="re-estimate the BatchNorms on N inputs synthesized from the dense model's own BN statistics "
+                 "(ifjax.synthesize_inputs; still data-free, minutes on a CPU); default 0: off")
+  p.add_argument("--synthetic-steps", type=int, default=200, help="Adam steps per batch of synthetic inputs")
   p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
   p.set_defaults(run=_prune)
 
@@ -199,7 +205,9 @@ def _prune(args) -> int:
   module, spec, variables = _load(args.model, args.checkpoint)
   dense_params = ifjax.param_count(variables)
   alloc = None
-  with _stages(4 if args.ratio is None else 3) as stage:
+  if args.synthetic_bn < 0 or args.synthetic_bn == 1:
+    raise CliError(ExitCode.USAGE, f"--synthetic-bn must be 0 (off) or at least 2, got {args.synthetic_bn}")
+  with _stages(3 + (args.ratio is None) + 2 * (args.synthetic_bn > 0)) as stage:
     if args.ratio is not None:
       ratio = args.ratio
     else:
@@ -215,7 +223,14 @@ def _prune(args) -> int:
     stage("applying")
     small = ifjax.apply_plan(variables, spec, pl)
     widths = ifjax.widths(variables, spec, pl)
-    _, small_spec = ifjax.models.get(args.model, num_classes=module.num_classes, widths=widths)
+    small_module, small_spec = ifjax.models.get(args.model, num_classes=module.num_classes, widths=widths)
+    if args.synthetic_bn:
+      stage("synthesizing inputs")
+      made = ifjax.synthesize_inputs(_train_apply(module), variables, _input_shape(args.model, "--synthetic-bn"),
+                                     count=args.synthetic_bn, steps=args.synthetic_steps, progress=False)
+      stage("re-estimating BatchNorms")
+      batches = [made.inputs[i:i + 128] for i in range(0, len(made.inputs), 128)]
+      small = ifjax.recalibrate_batchnorm(_train_apply(small_module), small, variables, spec, pl, batches)
     stage("saving")
     path = ifjax.save(args.out, small, small_spec, widths)
   dense_widths = spec.validate(variables)
@@ -229,6 +244,13 @@ def _prune(args) -> int:
     print(f"  {what}: {share(alloc.cost)} of dense (target {share(alloc.target)})")
   print(f"wrote {path}")
   return ExitCode.OK
+
+
+def _train_apply(module):
+  """``module.apply`` with a dropout rng, for train-mode passes (EfficientNet's head has dropout)."""
+  import jax
+
+  return lambda v, x, **kw: module.apply(v, x, rngs={"dropout": jax.random.key(0)}, **kw)
 
 
 def _allocate(args, module, spec, variables, groups, protect):
@@ -418,13 +440,13 @@ def _fit_module(name: str, variables, spec, widths, source: Path):
   return ifjax.models.get(name, num_classes=classes, widths=widths)[0]
 
 
-def _input_shape(name: str) -> tuple[int, ...]:
+def _input_shape(name: str, flag: str = "--target-flops") -> tuple[int, ...]:
   from ifjax import data
 
   kind = data.MODEL_PREPROCESS.get(name)
   if kind is None:
-    raise CliError(ExitCode.USAGE, f"--target-flops needs the input shape of {name}, which ifjax.data does not know "
-                   "(models with one: " + ", ".join(sorted(data.MODEL_PREPROCESS)) + "); use --target-params")
+    raise CliError(ExitCode.USAGE, f"{flag} needs the input shape of {name}, which ifjax.data does not know "
+                   "(models with one: " + ", ".join(sorted(data.MODEL_PREPROCESS)) + ")")
   return tuple(data.PREPROCESS[kind]["shape"])
 
 

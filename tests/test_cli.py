@@ -127,6 +127,25 @@ def test_prune_again_from_a_checkpoint_directory(pruned, tmp_path, capsys):
   assert "default pruning: 2 of 14 groups pruned" in capsys.readouterr().out
 
 
+@pytest.mark.requires_data(models=("resnet20",))
+def test_prune_with_synthetic_batchnorm_calibration(tmp_path, capsys):
+  argv = ["prune", "--model", "resnet20", "--ratio", "0.5", "--groups", "layer1_0/conv1", "layer3_2/conv1",
+          "--synthetic-bn", "8", "--synthetic-steps", "2", "--out", str(tmp_path / "c")]
+  assert main(argv) == 0
+  got, _, widths, _ = ifjax.restore(tmp_path / "c")
+  module, spec, dense = ifjax.models.pretrained("resnet20")
+  pl = ifjax.plan(dense, spec, 0.5, groups=["layer1_0/conv1", "layer3_2/conv1"])
+  made = ifjax.synthesize_inputs(module.apply, dense, (32, 32, 3), count=8, steps=2, progress=False)
+  small = ifjax.models.get("resnet20", widths=widths)[0]
+  want = ifjax.recalibrate_batchnorm(small.apply, ifjax.apply_plan(dense, spec, pl), dense, spec, pl, [made.inputs])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  var = np.asarray(got["batch_stats"]["layer1_0"]["bn2"]["var"])
+  assert not np.allclose(var, 1 - 1e-5)  # re-estimated, not the folded identity
+  assert main(["prune", "--model", "resnet20", "--ratio", "0.5", "--synthetic-bn", "1", "--out",
+               str(tmp_path / "e")]) == ExitCode.USAGE
+  assert "--synthetic-bn must be 0 (off) or at least 2" in capsys.readouterr().err
+
+
 @pytest.mark.requires_data(models=("lenet5",))
 def test_prune_to_a_parameter_budget(tmp_path):
   res = run_cli("prune", "--model", "lenet5", "--target-params", "0.3", "--method", "default", "--out", tmp_path / "c")

@@ -3,6 +3,7 @@
 import csv
 import importlib
 
+import numpy as np
 import pytest
 
 import ifjax
@@ -90,15 +91,17 @@ def test_budget_script_meets_the_flop_budget(tmp_path):
 @pytest.mark.slow
 @pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
 def test_budget_script_iterative_and_data_light(tmp_path):
-  """The sensitivity allocation, 2 steps and the data-light BN reset (one-shot only), then --summarize."""
+  """The sensitivity allocation, 2 steps, the synthetic and data-light BN resets (one-shot only), then --summarize."""
   budget = _script("budget")
   budget.main(["--model", "resnet20", "--flops", "0.6", "--allocations", "sensitivity-internal", "--methods", "default",
-               "if_paper", "--steps", "1", "2", "--modes", "free", "light", "--calib", "20", "--limit", "50",
-               "--out", str(tmp_path)])
+               "if_paper", "--steps", "1", "2", "--modes", "free", "synthetic", "light", "--calib", "20",
+               "--limit", "50", "--synthetic", "8", "--synthetic-steps", "2", "--out", str(tmp_path)])
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   cells = [(r["method"], r["steps"], r["mode"]) for r in rows[1:]]
-  assert cells == [(m, s, d) for m in ("default", "if_paper") for s, d in (("1", "free"), ("1", "light"), ("2", "free"))]
+  modes = (("1", "free"), ("1", "synthetic"), ("1", "light"), ("2", "free"))
+  assert cells == [(m, s, d) for m in ("default", "if_paper") for s, d in modes]
   assert all(float(r["flops"]) <= 0.6 for r in rows[1:])
+  assert np.load(tmp_path / "synthetic_8x2.npy").shape == (8, 32, 32, 3)
   budget.main(["--summarize", "--plot", "--out", str(tmp_path)])
   assert "if_paper, data-light: beats default in" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "accuracy.png").stat().st_size > 0
