@@ -190,7 +190,8 @@ class Spec:
   def _position(self, key: str | int) -> int:
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
       if not 0 <= key < len(self.groups):
-        raise ValueError(f"paper group index {key} out of range: the spec has {len(self.groups)} groups (0..{len(self.groups) - 1})")
+        raise ValueError(f"paper group index {key} out of range: the spec has {len(self.groups)} groups "
+                         f"(0..{len(self.groups) - 1})")
       return len(self.groups) - 1 - int(key)
     if isinstance(key, str):
       try:
@@ -269,7 +270,8 @@ class Spec:
         spans = sorted((m.offset, m.offset + sizes[g.name], g.name) for g, m in segs)
         for (a0, a1, ga), (b0, b1, gb) in zip(spans, spans[1:]):
           if b0 < a1:
-            raise ValueError(f"{path!r} axis {axis}: segments of groups {ga!r} [{a0}, {a1}) and {gb!r} [{b0}, {b1}) overlap")
+            raise ValueError(f"{path!r} axis {axis}: segments of groups {ga!r} [{a0}, {a1}) and {gb!r} [{b0}, {b1}) "
+                             "overlap")
     for b in self.batchnorms:
       k = _lookup(flat, f"params/{b.layer}/kernel", f"batchnorm pair {tuple(b)!r}")
       for stat in ("mean", "var"):

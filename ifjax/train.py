@@ -303,10 +303,10 @@ class _Data:
       yield self.images[idx], self.labels[idx]
 
 
-def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: int, optimizer, mesh: Mesh | None = None,
-        eval_data=None, checkpoint_dir=None, progress: bool = True, batch_size: int = 128, seed: int = 0,
-        augment: Augment | None = None, data_axis: str = "data", desc: str = "train", checkpoint_every: int = 1,
-        time_limit: float | None = None) -> tuple[dict, list[dict]]:
+def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: int, optimizer,
+        mesh: Mesh | None = None, eval_data=None, checkpoint_dir=None, progress: bool = True, batch_size: int = 128,
+        seed: int = 0, augment: Augment | None = None, data_axis: str = "data", desc: str = "train",
+        checkpoint_every: int = 1, time_limit: float | None = None) -> tuple[dict, list[dict]]:
   """Trains ``module`` from ``variables`` for ``epochs`` epochs; returns ``(variables, history)``.
 
   Args:

@@ -11,7 +11,8 @@ from ifjax.models._zoo import Widths
 
 
 class LeNet5(nn.Module):
-  """(batch, 28, 28, 1) -> logits. conv1 -> ReLU -> pool -> conv2 -> ReLU -> pool -> NCHW flatten -> linear1 -> linear2."""
+  """(batch, 28, 28, 1) -> logits: conv1 -> ReLU -> pool -> conv2 -> ReLU -> pool -> NCHW flatten -> linear1
+  -> linear2."""
 
   num_classes: int = 10
   widths: Widths = ()
