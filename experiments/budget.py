@@ -204,8 +204,8 @@ def write(rows: list[dict], args, n_images: int, argv, header: str | None = None
            "|---|---|---|---|---|---|---|---|"]
   lines += [f"| {r['allocation']} | {r['method']} | {r['steps']} | {r['mode']} | {100 * r['target']:.0f}% | "
             f"{100 * r['flops']:.1f}% | {r['params']:,} | {r['accuracy']:.2f} |" for r in rows]
-  lines += ["", "Win rate of IF over default at equal allocation (same budget, allocation, steps and mode; after the "
-            "data-light BN reset the two normalisations give the same network):", ""]
+  lines += ["", "Win rate of IF over default at equal allocation (same budget, allocation, steps and mode; after a "
+            "BN reset, synthetic or data-light, the two normalisations give the same network):", ""]
   lines += win_rates(rows)
   (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
