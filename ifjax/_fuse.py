@@ -219,10 +219,13 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
   if not fuse:
     return pruned, flat
 
+  fused = [name for name in prepared if name not in pruned]  # pruning-only groups (Group.exact False) are done
+  position = {name: i for i, name in enumerate(fused)}
+  if solver == "exact" and not traced:  # largest first: the host solves it while XLA computes the smaller costs
+    fused = sorted(fused, key=lambda k: -prepared[k][1] * prepared[k][2])
   problems = {}
-  for name, (g, n, m, scores, keep) in prepared.items():
-    if name in pruned:  # a pruning-only group (Group.exact False)
-      continue
+  for name in fused:
+    g, n, m, scores, keep = prepared[name]
     x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
     uses_scores = source_mass == "importance" or target_mass == "importance"
     if uses_scores and not traced and np.any(scores < 0):
@@ -234,7 +237,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       y = x[keep]
       b = scores[keep] if target_mass == "importance" else xp.ones((m,), xp.float32)
     else:
-      key = jax.random.fold_in(jax.random.key(seed), len(problems))
+      key = jax.random.fold_in(jax.random.key(seed), position[name])
       centroids, labels = _transport.kmeans(x, m, key)
       y = _transport.normalize_rows(xp.asarray(centroids))
       b = jnp.zeros((m,)).at[labels].add(scores) if target_mass == "importance" else jnp.ones((m,))
@@ -243,7 +246,12 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       prepared[name] = (g, n, m, scores, keep)
     if not traced and (np.sum(b) <= 0 or np.sum(a) <= 0):
       raise ValueError(f"group {name!r}: importance masses sum to zero")
-    problems[name] = (_transport.pairwise_distance(x, y, p=p), a, b / xp.sum(b))
+    if traced:
+      cost = _transport.pairwise_distance(x, y, p=p)
+    else:  # the exact solver does not wait for a compiled cost here: it solves a group while XLA computes the next
+      cost = _transport.kept_distance(x, keep, p) if keep is not None else _transport.host_distance(x, y, p)
+      cost = cost if solver == "exact" else np.asarray(cost)
+    problems[name] = (cost, a, b / xp.sum(b))
 
   names = list(problems)
   if solver == "exact" or not names:
@@ -360,15 +368,38 @@ def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_sh
       view = m._replace(axis=m.axis % np.ndim(flat[m.path]), offset=0)
       edits.setdefault(view, []).append((m.offset, gp.n, role, gp))
   out = dict(flat)
+  pairs: dict[int, tuple[Any, Any]] = {}  # id(host map) -> (map, _unit_pairs(map))
   # an array may have 2 axes edited: in (path, axis) order, so the rounding does not depend on the plan's order
   for view in sorted(edits, key=lambda v: (v.path, v.axis)):
-    out[view.path] = _edit_axis(out[view.path], view, sorted(edits[view], key=lambda s: s[0]), keep_shapes)
+    out[view.path] = _edit_axis(out[view.path], view, sorted(edits[view], key=lambda s: s[0]), keep_shapes, pairs)
   return out
 
 
-def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: bool) -> jax.Array:
+def _unit_pairs(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
+  """(m, n) map -> ``(first, rows, second)`` if every row of ``mat`` has one or two nonzero entries and all of
+  them are exactly 1, else None: ``first`` (m,) is each row's first source, ``rows`` the rows with a second
+  source (None: all of them) and ``second`` their second sources.
+
+  A row of such a map is the sum of at most two source rows with exact products, which rounds the same in
+  any order: the gather-add of :func:`_edit_axis` gives the dense product's bits without a matmul. The
+  paper's maps at ratio 0.5 with uniform masses and an even n are of this kind (the exact plan is integral).
+  """
+  nz = mat != 0
+  count = nz.sum(1)
+  if count.min() < 1 or count.max() > 2 or not np.all(mat[nz] == 1):
+    return None
+  first = np.argmax(nz, axis=1)
+  last = mat.shape[1] - 1 - np.argmax(nz[:, ::-1], axis=1)
+  if count.min() == 2:
+    return first, None, last
+  rows = np.flatnonzero(count == 2)
+  return first, rows, last[rows]
+
+
+def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: bool,
+               pairs: dict[int, tuple[Any, Any]]) -> jax.Array:
   """Replaces segments [offset, offset + n) of the neuron (sub-)axis by their m reduced entries
-  (followed by n - m zeros if ``keep_shapes``)."""
+  (followed by n - m zeros if ``keep_shapes``). ``pairs`` caches :func:`_unit_pairs` per host map."""
   x = view.neurons_first(arr)
   xp = array_module(x)
   pieces, pos = [], 0
@@ -383,7 +414,20 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
     else:
       mat = gp.producer_map if role == "producer" else gp.consumer_map
       if xp is np:
-        fused = np.tensordot(np.asarray(mat, np.float32), seg.astype(np.float32), axes=1)
+        if id(mat) not in pairs:  # the map is kept in the entry, so its id is not reused while cached
+          pairs[id(mat)] = (mat, _unit_pairs(np.asarray(mat, np.float32)))
+        unit = pairs[id(mat)][1]
+        if unit is None:
+          fused = np.tensordot(np.asarray(mat, np.float32), seg.astype(np.float32), axes=1)
+        else:
+          first, rows, second = unit
+          seg = seg.astype(np.float32, copy=False)
+          fused = seg[first]
+          if rows is None:
+            fused += seg[second]
+          else:
+            fused[rows] += seg[second]
+          fused += np.float32(0)  # -0 -> +0, as a matmul accumulating from +0 gives
       else:
         fused = jnp.tensordot(mat, seg.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
       pieces.append(fused.astype(arr.dtype))

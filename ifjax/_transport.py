@@ -22,6 +22,11 @@ from ifjax._spec import array_module
 _HOST_COST_ELEMENTS = 1 << 22
 # Tiles of the compiled p-norm cost: rows of x per step, features per inner step.
 _TILE_ROWS, _TILE_FEATURES = 64, 256
+# Kept neurons from which the compiled cost computes their symmetric block once (below, the saving does not pay
+# for the second compiled loop).
+_SYMMETRIC_MIN_KEPT = 512
+# m * m * d from which the host cost computes the kept block with pdist (below, pdist's overhead is larger).
+_HOST_SYMMETRIC_MIN_ELEMENTS = 1 << 19
 
 
 class Transport(NamedTuple):
@@ -77,43 +82,117 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
   """
   p = check_p(p)
   if array_module(x, y) is np:
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-    if x.shape[0] * y.shape[0] * x.shape[1] <= _HOST_COST_ELEMENTS:
-      return _pairwise_host(x, y, float(p))
-    return np.asarray(_pairwise_tiled(x, y, p=float(p)))
+    return np.asarray(host_distance(x, y, p))
   return _pairwise_tiled(x, y, p=float(p))
+
+
+def host_distance(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray | jax.Array:
+  """:func:`pairwise_distance` of NumPy inputs without waiting for the compiled kernel: a NumPy array, or
+  a jax array still being computed (``np.asarray`` waits for it), so the host can go on meanwhile, e.g.
+  solve the OT problem of an earlier group. ``p`` checked by the caller."""
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+  if x.shape[0] * y.shape[0] * x.shape[1] <= _HOST_COST_ELEMENTS:
+    return _pairwise_host(x, y, float(p))
+  return _pairwise_tiled(x, y, p=float(p))
+
+
+def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | jax.Array:
+  """(n, d) NumPy rows, (m,) distinct kept row indices -> (n, m) ``host_distance(x, x[keep], p)``, bit for bit
+  (a jax array still being computed for large inputs). The (m, m) block among the kept rows is symmetric and
+  computed once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host, upper-
+  triangle tile pairs in the compiled kernel (from ``_SYMMETRIC_MIN_KEPT`` kept rows). Every entry is summed in
+  the order :func:`pairwise_distance` sums it. ``p`` checked by the caller."""
+  x = np.asarray(x, np.float32)
+  n, d = x.shape
+  y = x[keep]
+  m = y.shape[0]
+  mask = np.ones(n, bool)
+  mask[keep] = False
+  drop = np.flatnonzero(mask)
+  if n * m * d > _HOST_COST_ELEMENTS:
+    if m < _SYMMETRIC_MIN_KEPT:
+      return _pairwise_tiled(x, y, p=float(p))
+    return _kept_tiled(x, np.asarray(keep, np.int32), drop.astype(np.int32), p=float(p))
+  if m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS:
+    return _pairwise_host(x, y, float(p))
+  from scipy.spatial.distance import pdist, squareform
+
+  out = np.empty((n, m), np.float32)
+  out[drop] = _pairwise_host(x[drop], y, float(p))
+  metric, kw = _scipy_metric(float(p))
+  out[keep] = squareform(pdist(y, metric, **kw)).astype(np.float32)
+  return out
+
+
+def _scipy_metric(p: float) -> tuple[str, dict]:
+  return {1.0: ("cityblock", {}), 2.0: ("euclidean", {}), math.inf: ("chebyshev", {})}.get(p, ("minkowski", {"p": p}))
 
 
 def _pairwise_host(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
   """SciPy's ``cdist`` (a C loop in float64, then rounded to float32)."""
   from scipy.spatial.distance import cdist
 
-  metric = {1.0: ("cityblock", {}), 2.0: ("euclidean", {}), math.inf: ("chebyshev", {})}.get(p, ("minkowski", {"p": p}))
-  return cdist(x, y, metric[0], **metric[1]).astype(np.float32)
+  metric, kw = _scipy_metric(p)
+  return cdist(x, y, metric, **kw).astype(np.float32)
+
+
+def _feature_tiles(x: jax.Array, feats: int) -> jax.Array:
+  """(k, d) -> (k, feature tiles, feats), zero-padded (zero features add |0 - 0| = 0)."""
+  k, d = x.shape
+  return jnp.pad(x, ((0, 0), (0, -d % feats))).reshape(k, -1, feats)
+
+
+def _tile_distance(xb: jax.Array, ys: jax.Array, p: float) -> jax.Array:
+  """(rows, F, feats) and (F, cols, feats) feature tiles -> (rows, cols) sums of ``|x - y|^p`` (max for
+  p = inf), one feature tile at a time: the summation order of every entry."""
+  combine, reduce = (jnp.maximum, jnp.max) if math.isinf(p) else (jnp.add, jnp.sum)
+
+  def step(acc, k):
+    diff = jnp.abs(xb[:, k, None, :] - ys[k][None])
+    return combine(acc, reduce(diff if p == 1 or math.isinf(p) else diff**p, axis=-1)), None
+
+  acc, _ = jax.lax.scan(step, jnp.zeros((xb.shape[0], ys.shape[1]), jnp.float32), jnp.arange(ys.shape[0]))
+  return acc
+
+
+def _rows_distance(x: jax.Array, ys: jax.Array, p: float) -> jax.Array:
+  """(n, d) rows against (F, m, feats) feature tiles -> (n, m), ``_TILE_ROWS`` rows at a time (no root)."""
+  n = x.shape[0]
+  rows = min(_TILE_ROWS, n)
+  xs = _feature_tiles(jnp.pad(x, ((0, -n % rows), (0, 0))), ys.shape[2])
+  xs = xs.reshape(-1, rows, *xs.shape[1:])  # (row tiles, rows, F, feats)
+  return jax.lax.map(lambda xb: _tile_distance(xb, ys, p), xs).reshape(-1, ys.shape[1])[:n]
+
+
+def _root(out: jax.Array, p: float) -> jax.Array:
+  return out if p == 1 or math.isinf(p) else out ** (1.0 / p)
 
 
 @functools.partial(jax.jit, static_argnames=("p",))
 def _pairwise_tiled(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  ys = _feature_tiles(y, min(_TILE_FEATURES, x.shape[1])).transpose(1, 0, 2)  # (F, m, feats)
+  return _root(_rows_distance(x, ys, p), p)
+
+
+@functools.partial(jax.jit, static_argnames=("p",))
+def _kept_tiled(x: jax.Array, keep: jax.Array, drop: jax.Array, p: float) -> jax.Array:
+  """:func:`kept_distance`'s compiled kernel: the dropped rows against the kept ones as in
+  :func:`_pairwise_tiled`, and the kept block from its upper-triangle (r, r) tile pairs (r = min(64, m)),
+  mirrored into the lower triangle."""
   n, d = x.shape
-  m = y.shape[0]
-  rows, feats = min(_TILE_ROWS, n), min(_TILE_FEATURES, d)
-  x = jnp.pad(x, ((0, -n % rows), (0, -d % feats)))  # zero features add |0 - 0| = 0
-  y = jnp.pad(y, ((0, 0), (0, -d % feats)))
-  xs = x.reshape(-1, rows, x.shape[1] // feats, feats)  # (row tiles, rows, feature tiles, feats)
-  ys = y.reshape(m, -1, feats).transpose(1, 0, 2)  # (feature tiles, m, feats)
-  combine, reduce = (jnp.maximum, jnp.max) if math.isinf(p) else (jnp.add, jnp.sum)
-
-  def row_tile(xb):
-    def step(acc, k):
-      diff = jnp.abs(xb[:, k, None, :] - ys[k][None])
-      return combine(acc, reduce(diff if p == 1 or math.isinf(p) else diff**p, axis=-1)), None
-
-    acc, _ = jax.lax.scan(step, jnp.zeros((rows, m), jnp.float32), jnp.arange(ys.shape[0]))
-    return acc
-
-  out = jax.lax.map(row_tile, xs).reshape(-1, m)[:n]
-  return out if p == 1 or math.isinf(p) else out ** (1.0 / p)
+  m, k = keep.shape[0], drop.shape[0]
+  feats, r = min(_TILE_FEATURES, d), min(_TILE_ROWS, m)
+  t = -(-m // r)
+  yt = _feature_tiles(jnp.pad(x[keep], ((0, t * r - m), (0, 0))), feats).reshape(t, r, -1, feats)  # (t, r, F, feats)
+  yc = yt.transpose(0, 2, 1, 3)  # the same tiles as columns: (t, F, r, feats)
+  ia, ib = np.triu_indices(t)
+  pairs = jax.lax.map(lambda ij: _tile_distance(yt[ij[0]], yc[ij[1]], p), jnp.asarray(np.stack([ia, ib], 1)))
+  block = jnp.zeros((t, t, r, r), jnp.float32).at[ia, ib].set(pairs).at[ib, ia].set(pairs.transpose(0, 2, 1))
+  out = jnp.zeros((n, m), jnp.float32).at[keep].set(block.transpose(0, 2, 1, 3).reshape(t * r, t * r)[:m, :m])
+  if k:
+    out = out.at[drop].set(_rows_distance(x[drop], _feature_tiles(x[keep], feats).transpose(1, 0, 2), p))
+  return _root(out, p)
 
 
 def _marginal_error(t, a, b):
@@ -129,7 +208,9 @@ def solve_exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> Transport:
 
   cost, a, b = (np.asarray(v, np.float64) for v in (cost, a, b))
   a, b = a / a.sum(), b / b.sum()
-  t, log = ot.emd(a, b, cost, numItermax=max(100_000, 50 * cost.size), log=True)
+  # a and b have equal sums, and the duals are not used: no marginal check, no centring of the duals
+  t, log = ot.emd(a, b, cost, numItermax=max(100_000, 50 * cost.size), log=True, center_dual=False,
+                  check_marginals=False)
   ok = log["result_code"] == 1
   return Transport(t.astype(np.float32), np.asarray(ok), np.float32(_marginal_error(t, a, b)), np.asarray(0))
 

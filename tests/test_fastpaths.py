@@ -1,0 +1,113 @@
+"""The host path's shortcuts give the bits of the plain computation.
+
+* ``kept_distance`` computes the symmetric (m, m) block among the kept neurons once (SciPy ``pdist``; upper-
+  triangle tile pairs in the compiled kernel): every entry must equal ``pairwise_distance(x, x[keep])``.
+* ``apply_plan`` replaces the matmul by a gather-add where every row of a map is one or two unit entries (the
+  paper's maps at ratio 0.5): every fused weight must equal the dense product's, signed zeros included.
+"""
+
+import numpy as np
+import pytest
+
+import ifjax
+from ifjax import _fuse, _transport
+
+
+def _normalized(rng, n, d):
+  return np.asarray(_transport.normalize_rows(rng.normal(size=(n, d)).astype(np.float32)))
+
+
+@pytest.mark.parametrize("kernel, p", [(False, p) for p in (1.0, 2.0, 3.0, 0.5, np.inf)]
+                         + [(True, p) for p in (1.0, 3.0, np.inf)])  # the kernel compiles per p and shape
+def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
+  if kernel:  # small tiles that do not divide the shapes: 3 rows, 4 features; every NumPy input to the kernel
+    monkeypatch.setattr(_transport, "_TILE_ROWS", 3)
+    monkeypatch.setattr(_transport, "_TILE_FEATURES", 4)
+    monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
+    monkeypatch.setattr(_transport, "_SYMMETRIC_MIN_KEPT", 1)
+  else:  # pdist for every kept block
+    monkeypatch.setattr(_transport, "_HOST_SYMMETRIC_MIN_ELEMENTS", 0)
+  _transport._pairwise_tiled.clear_cache()
+  _transport._kept_tiled.clear_cache()
+  try:
+    rng = np.random.default_rng(0)
+    for n, m, d in [(11, 5, 9), (12, 7, 4), (8, 8, 5), (9, 1, 6), (16, 10, 13)]:  # all kept (8 of 8), one kept
+      x = _normalized(rng, n, d)
+      keep = np.sort(rng.choice(n, m, replace=False)).astype(np.int32)
+      got = np.asarray(_transport.kept_distance(x, keep, p))
+      want = ifjax.pairwise_distance(x, x[keep], p=p)
+      assert got.dtype == np.float32 and got.shape == (n, m)
+      np.testing.assert_array_equal(got, want, err_msg=f"n={n} m={m} d={d}")
+      assert np.all(got[keep, np.arange(m)] == 0)  # a kept neuron is 0 from itself
+      np.testing.assert_array_equal(got[keep], got[keep].T)  # the kept block is symmetric
+  finally:
+    monkeypatch.undo()
+    _transport._pairwise_tiled.clear_cache()
+    _transport._kept_tiled.clear_cache()
+
+
+def test_kept_distance_kernel_computes_only_upper_tile_pairs(monkeypatch):
+  """7 kept rows in 3-row tiles: 3 tiles, 6 = 3 * 4 / 2 tile pairs instead of 9."""
+  import jax
+
+  monkeypatch.setattr(_transport, "_TILE_ROWS", 3)
+  monkeypatch.setattr(_transport, "_TILE_FEATURES", 4)
+  _transport._kept_tiled.clear_cache()
+  try:
+    x = _normalized(np.random.default_rng(0), 12, 8)
+    keep = np.array([0, 2, 4, 6, 8, 10, 11], np.int32)
+    drop = np.setdiff1d(np.arange(12), keep).astype(np.int32)
+    jaxpr = str(jax.make_jaxpr(lambda a, k, r: _transport._kept_tiled(a, k, r, p=1.0))(x, keep, drop))
+    assert "length=6" in jaxpr and "length=9" not in jaxpr, jaxpr
+  finally:
+    monkeypatch.undo()
+    _transport._kept_tiled.clear_cache()
+
+
+def _one_layer(kernel):
+  variables = {"params": {"hidden": {"kernel": kernel}, "out": {"kernel": np.ones((kernel.shape[1], 3), kernel.dtype)}}}
+  spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+  return variables, spec
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_unit_pair_maps_apply_as_the_dense_product(dtype):
+  rng = np.random.default_rng(1)
+  n, m = 8, 4
+  kernel = (rng.normal(size=(5, n)) * 10.0 ** rng.integers(-3, 4, size=(5, n))).astype(dtype)
+  kernel[0, :2] = -0.0  # -0 + -0: a matmul accumulates from +0 and gives +0
+  kernel[1, 3] = -kernel[1, 5]  # x + (-x) = +0
+  variables, spec = _one_layer(kernel)
+  unit = np.zeros((m, n), np.float32)  # rows of one or two ones
+  unit[0, [0, 1]] = unit[1, 2] = unit[2, [3, 5]] = unit[3, [4, 6]] = 1
+  half = unit.copy()
+  half[3, 4] = 0.5  # not a unit entry: the dense product
+  pairs = unit.copy()
+  pairs[1, 7] = 1  # every row sums two sources
+  maps = {"one or two ones": unit, "two ones": pairs, "a half": half}
+  assert _fuse._unit_pairs(unit)[1].tolist() == [0, 2, 3] and _fuse._unit_pairs(pairs)[1] is None
+  assert _fuse._unit_pairs(half) is None
+  assert _fuse._unit_pairs(np.array([[1, 1, 1, 0]], np.float32)) is None  # three terms: order-dependent rounding
+  for what, mp in maps.items():
+    plan = {"hidden": _fuse.GroupPlan(None, np.ones(n, np.float32), mp.T / n, mp, mp, np.asarray(True),
+                                      np.float32(0), np.asarray(0))}
+    out = ifjax.apply_plan(variables, spec, plan)
+    got_in = np.asarray(out["params"]["hidden"]["kernel"])
+    got_out = np.asarray(out["params"]["out"]["kernel"])
+    want_in = np.tensordot(mp, kernel.T.astype(np.float32), axes=1).astype(dtype).T
+    want_out = np.tensordot(mp, variables["params"]["out"]["kernel"].astype(np.float32), axes=1).astype(dtype)
+    assert got_in.dtype == dtype
+    np.testing.assert_array_equal(got_in, want_in, err_msg=what)
+    np.testing.assert_array_equal(np.signbit(got_in), np.signbit(want_in), err_msg=what)
+    np.testing.assert_array_equal(got_out, want_out, err_msg=what)
+    assert got_in[0, 0] == 0 and not np.signbit(got_in[0, 0])  # -0 + -0 -> +0
+
+
+def test_exact_plans_at_half_are_unit_pairs():
+  """Ratio 0.5, uniform masses, even n: the exact plan is integral, so the fast path is the one taken."""
+  rng = np.random.default_rng(2)
+  variables, spec = _one_layer(rng.normal(size=(6, 16)).astype(np.float32))
+  pl = ifjax.plan(variables, spec, 0.5)["hidden"]
+  first, rows, second = _fuse._unit_pairs(np.asarray(pl.consumer_map))
+  assert rows is None  # 16 -> 8: two sources per target
+  assert sorted(np.concatenate([first, second]).tolist()) == list(range(16))
