@@ -391,20 +391,13 @@ class _Builder:
         u(a, b)
     elif name == "conv_general_dilated":
       self.conv(f, i, eqn, ins, outs, ctx)
-    elif name == "concatenate":
-      ax = p["dimension"]
-      for nodes in ins:
+    elif name in ("concatenate", "split"):  # the whole is the sum of its parts along ax, equal elsewhere
+      whole, parts, ax = (outs[0], ins, p["dimension"]) if name == "concatenate" else (ins[0], outs, p["axis"])
+      for nodes in parts:
         for k in range(len(nodes)):
           if k != ax:
-            u(nodes[k], outs[0][k])
-      self.add(_Sum(outs[0][ax], [nodes[ax] for nodes in ins], ctx))
-    elif name == "split":
-      ax = p["axis"]
-      for nodes in outs:
-        for k in range(len(nodes)):
-          if k != ax:
-            u(nodes[k], ins[0][k])
-      self.add(_Sum(ins[0][ax], [nodes[ax] for nodes in outs], ctx))
+            u(nodes[k], whole[k])
+      self.add(_Sum(whole[ax], [nodes[ax] for nodes in parts], ctx))
     elif name == "pad":
       for k, (lo, hi, interior) in enumerate(p["padding_config"]):
         if (lo, hi, interior) == (0, 0, 0):
