@@ -77,6 +77,17 @@ def folded_flat(variables: Variables, spec: Spec) -> dict:
   return flat
 
 
+def train_mode_statistics(apply_fn, flat: Mapping[str, Any], paths: list[str], x: Any, fill: Any) -> dict:
+  """``{path: running statistic}`` for the ``batch_stats`` ``paths`` of ``flat`` after one train-mode pass
+  ``apply_fn(v, x, train=True, mutable=["batch_stats"])`` that starts from all of them equal to ``fill``: a linen
+  BN returns ``momentum * fill + (1 - momentum) * (the batch's statistic)``, so passes from 0 and from 1 give
+  the batch statistics whatever the momentum. Differentiable in ``x``."""
+  v = unflatten({**flat, **{p: jnp.full_like(flat[p], fill) for p in paths}})
+  _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"])
+  got = flatten({"batch_stats": upd["batch_stats"]})
+  return {p: got[p] for p in paths}
+
+
 def bn_paths(spec: Spec, layer: str) -> dict[str, str]:
   """Per-channel BN arrays that follow ``layer`` (a module path): ``{path: role}``.
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._batchnorm import derived_bn, input_statistics, with_statistics
+from ifjax._batchnorm import derived_bn, input_statistics, train_mode_statistics, with_statistics
 from ifjax._fuse import Plan, edit_members
 from ifjax._spec import Spec, Variables, flatten, on_host, to_jax, unflatten
 
@@ -126,11 +126,7 @@ def _batch_statistics(apply_fn, variables, batches) -> dict[str, jax.Array]:
   if not stat_paths:
     raise ValueError("the variables have no batch_stats to re-estimate")
 
-  @jax.jit
-  def pass_(stats_value, x):
-    v = unflatten({**flat, **{p: jnp.full_like(flat[p], stats_value) for p in stat_paths}})
-    _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"])
-    return {p: a for p, a in flatten({"batch_stats": upd["batch_stats"]}).items()}
+  pass_ = jax.jit(lambda fill, x: train_mode_statistics(apply_fn, flat, stat_paths, x, fill))
 
   total, count = None, 0
   for x in batches:

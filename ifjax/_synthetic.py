@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ifjax._spec import flatten, unflatten
+from ifjax._batchnorm import train_mode_statistics
+from ifjax._spec import flatten
 
 
 class SyntheticInputs(NamedTuple):
@@ -48,13 +49,7 @@ def _batch_statistics_fn(apply_fn: Callable[..., Any], variables: Any, example: 
   """
   flat = flatten(variables)
   paths = _stat_paths(flat)
-
-  def updated(x, fill):
-    v = unflatten({**flat, **{p: jnp.full_like(flat[p], fill) for p in paths}})
-    _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"])
-    got = flatten({"batch_stats": upd["batch_stats"]})
-    return {p: got[p] for p in paths}
-
+  updated = lambda x, fill: train_mode_statistics(apply_fn, flat, paths, x, fill)
   zero, one = updated(example, 0.0), updated(example, 1.0)
   keep = {p: np.asarray(1.0 - (one[p] - zero[p]), np.float32) for p in paths}  # 1 - momentum
   if any(np.any(k <= 0) for k in keep.values()):
