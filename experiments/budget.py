@@ -8,7 +8,12 @@ For every budget and allocation the per-group ratios come from :func:`ifjax.allo
 ``uniform-internal`` (one ratio for the block-internal groups, streams and stems untouched: the authors'
 setting), ``uniform`` (one ratio for every group), ``global`` / ``global-internal`` (neurons ranked together by
 normalised l1 importance), ``sensitivity`` / ``sensitivity-internal`` (data-free BN-statistics sensitivity per
-FLOP, :func:`ifjax.bn_sensitivity`). "Internal" groups are the ones named ``block/layer``. Then, at that
+FLOP, :func:`ifjax.bn_sensitivity`), ``measured`` / ``measured-internal`` (every group pruned alone at a few
+ratios with ``--measure-method``, BNs re-estimated on the probe inputs unless ``--measure-free``, and the KL
+divergence of its predictions on those inputs measured, :func:`ifjax.measure_sensitivity`; the probe inputs are
+the synthetic ones, data-free, or with ``--measure-on calib`` the ``--calib`` images, which makes the
+allocation data-light and allows ``--modes light`` only; curves cached in ``--out`` as ``curves_<...>.json``).
+"Internal" groups are the ones named ``block/layer``. Then, at that
 allocation, default pruning and Intra-Fusion (paper / barycentric normalisation) run in one shot
 (``--steps 1``) or in k steps re-planned on the fused weights (:func:`ifjax.iterative_fuse`).
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import pathlib
 import sys
 import time
@@ -42,7 +48,8 @@ from ifjax import data
 
 METHODS = {"default": dict(fuse=False), "if_paper": dict(normalization="paper"),
            "if_bary": dict(normalization="barycentric")}
-ALLOCATIONS = ["uniform-internal", "uniform", "global", "global-internal", "sensitivity", "sensitivity-internal"]
+ALLOCATIONS = ["uniform-internal", "uniform", "global", "global-internal", "sensitivity", "sensitivity-internal",
+               "measured", "measured-internal"]
 MODES = ["free", "synthetic", "light"]
 MODE_TITLES = {"free": "data-free", "synthetic": "data-free, synthetic BN", "light": "data-light"}
 FIELDS = ["model", "target", "allocation", "method", "steps", "mode", "flops", "params", "accuracy", "seconds"]
@@ -80,6 +87,13 @@ def main(argv=None):
   ap.add_argument("--modes", nargs="+", default=["free"], choices=MODES)
   ap.add_argument("--synthetic", type=int, default=256, help="synthetic inputs for --modes synthetic")
   ap.add_argument("--synthetic-steps", type=int, default=200, help="Adam steps per batch of synthetic inputs")
+  ap.add_argument("--measure-method", choices=list(METHODS), default="default",
+                  help="how the measured allocations prune each probe")
+  ap.add_argument("--measure-on", choices=("synthetic", "calib"), default="synthetic",
+                  help="probe inputs of the measured allocations: the synthetic inputs (data-free) or the --calib "
+                  "images (data-light: --modes light only)")
+  ap.add_argument("--measure-free", action="store_true",
+                  help="measured allocations: probe without re-estimating BNs (for a weights-only network)")
   ap.add_argument("--calib", type=int, default=500, help="unlabelled images for the BN re-estimation of --modes light")
   ap.add_argument("--limit", type=int, help="evaluate on this many test images (class-balanced for CIFAR)")
   ap.add_argument("--batch-size", type=int, default=500)
@@ -98,6 +112,9 @@ def main(argv=None):
       plot(rows, args.out / "accuracy.png")
     return
 
+  measuring = any(a.startswith("measured") for a in args.allocations)
+  if measuring and args.measure_on == "calib" and args.modes != ["light"]:
+    ap.error("--measure-on calib makes the allocation data-light: use --modes light")
   module, spec, variables = ifjax.models.pretrained(args.model)
   x, y, calib = load_sets(args.model, args.limit, args.calib if "light" in args.modes else 0)
   example = jnp.ones((1, *x.shape[1:]))
@@ -121,7 +138,7 @@ def main(argv=None):
 
   args.out.mkdir(parents=True, exist_ok=True)
   batches = {"light": calib}
-  if "synthetic" in args.modes:
+  if "synthetic" in args.modes or (measuring and args.measure_on == "synthetic"):
     batches["synthetic"] = synthetic_batches(train_apply(dense_widths), variables, x.shape[1:], args)
   rows = [dict(model=args.model, target=1.0, allocation="dense", method="-", steps=0, mode="-", flops=1.0,
                params=ifjax.param_count(variables), accuracy=accuracy(variables, dense_widths), seconds=0.0)]
@@ -129,9 +146,13 @@ def main(argv=None):
   for target in args.flops:
     for name in args.allocations:
       t = time.perf_counter()
+      groups = inner if name.endswith("-internal") else None
+      curves = measured_curves(train_apply(dense_widths), variables, spec,
+                               batches["synthetic" if args.measure_on == "synthetic" else "light"], groups, args) \
+          if name.startswith("measured") else None
       alloc = ifjax.allocate(variables, spec, target_flops=target, rebuild=rebuild, example_args=(example,),
-                             example_kwargs=dict(train=False), method=name.split("-")[0],
-                             groups=inner if name.endswith("-internal") else None)
+                             example_kwargs=dict(train=False), method=name.split("-")[0], groups=groups,
+                             curves=curves)
       t_alloc = time.perf_counter() - t
       widths = {**dense_widths, **alloc.kept}
       print(f"{target} {name}: FLOPs {100 * alloc.cost / alloc.dense_cost:.1f}% ({t_alloc:.0f} s) kept {alloc.kept}",
@@ -174,6 +195,27 @@ def synthetic_batches(apply_fn, variables, input_shape, args) -> list[np.ndarray
     print(f"synthetic inputs: {len(inputs)} in {time.perf_counter() - t:.0f} s, BN-statistics gap "
           f"{made.losses[:, 0].mean():.3f} -> {made.losses[:, -1].mean():.3f}", flush=True)
   return [inputs[i:i + 128] for i in range(0, len(inputs), 128)]
+
+
+def measured_curves(apply_fn, variables, spec, batches, groups, args) -> ifjax.SensitivityCurves:
+  """:func:`ifjax.measure_sensitivity` on ``batches`` (``--measure-on``) for ``--measure-method``, cached in
+  ``--out``."""
+  recalibrate = not args.measure_free
+  source = f"{args.synthetic}x{args.synthetic_steps}" if args.measure_on == "synthetic" else f"calib{args.calib}"
+  path = args.out / (f"curves_{args.measure_method}_{'recal' if recalibrate else 'free'}_"
+                     f"{'internal' if groups else 'all'}_{source}.json")
+  if path.exists():
+    saved = json.loads(path.read_text())
+    return ifjax.SensitivityCurves(np.asarray(saved["ratios"]), {g: np.asarray(k) for g, k in saved["kept"].items()},
+                                   saved["size"], {g: np.asarray(v) for g, v in saved["loss"].items()})
+  t = time.perf_counter()
+  curves = ifjax.measure_sensitivity(apply_fn, variables, spec, np.concatenate(batches), groups=groups,
+                                     recalibrate=recalibrate, **METHODS[args.measure_method])
+  print(f"measured sensitivity of {len(curves.size)} groups in {time.perf_counter() - t:.0f} s", flush=True)
+  path.write_text(json.dumps(dict(ratios=curves.ratios.tolist(), size=curves.size,
+                                  kept={g: k.tolist() for g, k in curves.kept.items()},
+                                  loss={g: v.tolist() for g, v in curves.loss.items()}), indent=1))
+  return curves
 
 
 def win_rates(rows: list[dict]) -> list[str]:

@@ -15,6 +15,7 @@ from ifjax._fuse import (ConvergenceError, ConvergenceWarning, GroupPlan, Plan, 
 from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
 from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
 from ifjax._save import restore, save
+from ifjax._sensitivity import SensitivityCurves, measure_sensitivity
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, match_groups, widths
 from ifjax._synthetic import SyntheticInputs, bn_statistics_gap, synthesize_inputs
 from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
@@ -38,6 +39,7 @@ __all__ = [
     "Member",
     "Plan",
     "ResizeError",
+    "SensitivityCurves",
     "Spec",
     "SpecCheckError",
     "SyntheticInputs",
@@ -62,6 +64,7 @@ __all__ = [
     "kmeans",
     "load_into",
     "match_groups",
+    "measure_sensitivity",
     "models",
     "nnx_apply",
     "pairwise_distance",

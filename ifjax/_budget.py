@@ -141,6 +141,43 @@ def resized_shapes(shapes: Any, spec: Spec, removed: Mapping[str, int]) -> Any:
   return unflatten({p: jax.ShapeDtypeStruct(tuple(dims[p]), s.dtype) for p, s in flat.items()})
 
 
+def hull_scores(curves: Any, sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """``{group: (n,) scores}`` from measured curves: the slopes of the lower convex hull of (neurons removed,
+  loss), one per neuron in removal order (increasing), so that "remove the neurons scoring below a cut"
+  follows the hull. Beyond the last probe the last slope continues."""
+  missing = [g for g in sizes if g not in curves.loss]
+  if missing:
+    raise ValueError(f"curves has no measurement for groups {missing}: measure_sensitivity(groups=...) must "
+                     f"cover every group allocate may prune")
+  out = {}
+  for g, n in sizes.items():
+    if curves.size[g] != n:
+      raise ValueError(f"curves were measured on group {g!r} at width {curves.size[g]}, but it has {n} neurons")
+    removed = np.concatenate([[0], n - np.asarray(curves.kept[g])]).astype(np.float64)
+    loss = np.concatenate([[0.0], np.asarray(curves.loss[g], np.float64)])
+    order = np.argsort(removed, kind="stable")
+    hull = [0]
+    for i in order[1:]:
+      if removed[i] == removed[hull[-1]]:
+        continue
+      while len(hull) >= 2 and ((loss[hull[-1]] - loss[hull[-2]]) * (removed[i] - removed[hull[-2]])
+                                >= (loss[i] - loss[hull[-2]]) * (removed[hull[-1]] - removed[hull[-2]])):
+        hull.pop()
+      hull.append(i)
+    if len(hull) == 1:  # no probe removed a neuron (a tiny group): nothing is known, keep it
+      out[g] = np.full(n, np.inf)
+      continue
+    scores, done = np.empty(n), 0
+    for a, b in zip(hull, hull[1:]):
+      slope = (loss[b] - loss[a]) / (removed[b] - removed[a])
+      scores[done:int(removed[b])] = slope
+      done = int(removed[b])
+    scores[done:] = slope
+    # strictly increasing in removal order, so a cut removes a segment's neurons one at a time
+    out[g] = scores + np.arange(n) * 1e-9 * (np.abs(scores).max() + 1e-30)
+  return out
+
+
 class Allocation(NamedTuple):
   """A per-group sparsity that meets a budget.
 
@@ -164,7 +201,7 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
              target_flops: float | None = None, method: str = "uniform",
              rebuild: Callable[[dict], Callable] | None = None, example_args: tuple = (),
              example_kwargs: Mapping[str, Any] | None = None, importance: Any = "l1",
-             protect: Iterable[str | int] = (), groups: Any = None) -> Allocation:
+             protect: Iterable[str | int] = (), groups: Any = None, curves: Any = None) -> Allocation:
   """Per-group ratios whose pruned network costs at most the target, for ``plan(variables, spec, ratios)``.
 
   Args:
@@ -184,7 +221,12 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
       budget) is the Lagrangian solution of "least total sensitivity at this cost". Unlike ``"global"`` it
       compares groups in one unit (normalised output energy, not importance divided by the group's mean) and
       prefers cutting where a neuron is expensive (early, high-resolution layers). The per-neuron cost depends
-      on the neighbours' widths, so it is measured twice: at the dense widths, then at the first allocation.
+      on the neighbours' widths, so it is measured twice: at the dense widths, then at the first allocation;
+      ``"measured"``, the same per-unit-of-cost rule on ``curves`` (:func:`ifjax.measure_sensitivity`: the KL
+      divergence of the predictions with each group pruned alone at a few ratios). Each group's curve, loss
+      against neurons removed (linear between the probes, the last slope beyond them), is replaced by its
+      lower convex hull, whose slopes are the per-neuron scores: with the losses of the groups taken additive,
+      cutting every neuron whose slope per unit of cost is below ``lambda`` is again the Lagrangian solution.
     protect: groups (names or paper indices) that keep every neuron.
     groups: the groups that may be pruned (default all); ``protect`` is taken out of them.
 
@@ -194,8 +236,10 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   """
   if (target_params is None) == (target_flops is None):
     raise ValueError("allocate needs exactly one of target_params= or target_flops=")
-  if method not in ("uniform", "global", "sensitivity"):
-    raise ValueError(f"method must be 'uniform', 'global' or 'sensitivity', got {method!r}")
+  if method not in ("uniform", "global", "sensitivity", "measured"):
+    raise ValueError(f"method must be 'uniform', 'global', 'sensitivity' or 'measured', got {method!r}")
+  if (method == "measured") != (curves is not None):
+    raise ValueError("method='measured' needs curves=measure_sensitivity(...), and curves= needs method='measured'")
   if target_flops is not None and rebuild is None:
     raise ValueError("target_flops needs rebuild=widths -> apply_fn and the example inputs of one call")
   protected = {spec[p].name for p in protect}
@@ -258,7 +302,7 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     kept = search(pooled({g: np.asarray(full[g].importance, np.float64) / max(float(np.mean(full[g].importance)), 1e-30)
                           for g in sizes}))
   else:
-    sens = bn_sensitivity(variables, spec, list(sizes))
+    sens = bn_sensitivity(variables, spec, list(sizes)) if method == "sensitivity" else hull_scores(curves, sizes)
     kept = dict(sizes)
     for _ in range(2):  # the cost of one neuron of g, at the current widths (costs are linear in each width)
       at = cost(kept)

@@ -45,6 +45,15 @@ def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, varia
   Returns:
     New variables for the pruned model; the inputs are not modified.
   """
+  new = flatten(reset_batchnorm_affine(pruned, variables, spec, plan))
+  stats = _batch_statistics(apply_fn, unflatten(new), batches)
+  return unflatten({**new, **{p: a.astype(new[p].dtype) for p, a in stats.items()}})
+
+
+def reset_batchnorm_affine(pruned: Variables, variables: Variables, spec: Spec, plan: Plan) -> dict:
+  """``pruned`` with every BN's scale and bias back to ``|gamma|`` and ``beta`` of the original neuron each
+  channel stands for (its kept neuron), the first half of :func:`recalibrate_batchnorm`; the statistics are
+  left as they are (folded) for the caller to re-estimate."""
   if any(gp.keep is None for gp in plan.values()):
     raise ValueError("recalibrate_batchnorm needs the kept neurons of every group; the cluster_centroid target has "
                      "none")
@@ -61,8 +70,6 @@ def recalibrate_batchnorm(apply_fn: Callable[..., Any], pruned: Variables, varia
       path = f"params/{pair.bn}/{k}"
       if path in new:
         new[path] = targets[path].astype(new[path].dtype)
-  stats = _batch_statistics(apply_fn, unflatten(new), batches)
-  new.update({p: a.astype(new[p].dtype) for p, a in stats.items()})
   return unflatten(new)
 
 

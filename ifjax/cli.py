@@ -122,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--groups", nargs="+", metavar="GROUP", help="group names or paper indices (0 = closest to the "
                  "output); default all")
   p.add_argument("--protect", nargs="+", metavar="GROUP", default=(), help="with a target: groups kept whole")
-  p.add_argument("--allocation", choices=("uniform", "global", "sensitivity"), default="uniform",
+  p.add_argument("--allocation", choices=("uniform", "global", "sensitivity", "measured"), default="uniform",
                  help="with a target: one ratio for all groups (default), neurons ranked across groups by importance "
-                 "(global), or by BN-statistics sensitivity per unit of cost (sensitivity, data-free)")
+                 "(global), or by BN-statistics sensitivity per unit of cost (sensitivity, data-free), or by the "
+                 "measured change of the predictions on the --synthetic-bn inputs with each group pruned alone "
+                 "(measured, data-free; needs --synthetic-bn)")
   p.add_argument("--method", choices=("if", "default"), default="if",
                  help="if: Intra-Fusion (optimal transport); default: keep the most important (default if)")
   p.add_argument("--normalization", choices=("paper", "barycentric"), default="paper", help="Intra-Fusion's "
@@ -207,15 +209,22 @@ def _prune(args) -> int:
   alloc = None
   if args.synthetic_bn < 0 or args.synthetic_bn == 1:
     raise CliError(ExitCode.USAGE, f"--synthetic-bn must be 0 (off) or at least 2, got {args.synthetic_bn}")
+  if args.allocation == "measured" and args.ratio is None and not args.synthetic_bn:
+    raise CliError(ExitCode.USAGE, "--allocation measured measures on synthetic inputs: give --synthetic-bn N")
   with _stages(3 + (args.ratio is None) + 2 * (args.synthetic_bn > 0)) as stage:
+    inputs = None
+    if args.synthetic_bn:
+      stage("synthesizing inputs")
+      inputs = ifjax.synthesize_inputs(_train_apply(module), variables, _input_shape(args.model, "--synthetic-bn"),
+                                       count=args.synthetic_bn, steps=args.synthetic_steps, progress=False).inputs
+    opts = dict(fuse=False) if args.method == "default" else dict(normalization=args.normalization, solver=args.solver)
     if args.ratio is not None:
       ratio = args.ratio
     else:
       stage("allocating")
-      alloc = _allocate(args, module, spec, variables, groups, protect)
+      alloc = _allocate(args, module, spec, variables, groups, protect, inputs, opts)
       ratio, groups = alloc.ratios, None  # the allocation names every group it may prune
     stage("planning")
-    opts = dict(fuse=False) if args.method == "default" else dict(normalization=args.normalization, solver=args.solver)
     try:
       pl = ifjax.plan(variables, spec, ratio, groups=groups, importance=args.importance, **opts)
     except ValueError as e:
@@ -224,12 +233,9 @@ def _prune(args) -> int:
     small = ifjax.apply_plan(variables, spec, pl)
     widths = ifjax.widths(variables, spec, pl)
     small_module, small_spec = ifjax.models.get(args.model, num_classes=module.num_classes, widths=widths)
-    if args.synthetic_bn:
-      stage("synthesizing inputs")
-      made = ifjax.synthesize_inputs(_train_apply(module), variables, _input_shape(args.model, "--synthetic-bn"),
-                                     count=args.synthetic_bn, steps=args.synthetic_steps, progress=False)
+    if inputs is not None:
       stage("re-estimating BatchNorms")
-      batches = [made.inputs[i:i + 128] for i in range(0, len(made.inputs), 128)]
+      batches = [inputs[i:i + 128] for i in range(0, len(inputs), 128)]
       small = ifjax.recalibrate_batchnorm(_train_apply(small_module), small, variables, spec, pl, batches)
     stage("saving")
     path = ifjax.save(args.out, small, small_spec, widths)
@@ -253,12 +259,19 @@ def _train_apply(module):
   return lambda v, x, **kw: module.apply(v, x, rngs={"dropout": jax.random.key(0)}, **kw)
 
 
-def _allocate(args, module, spec, variables, groups, protect):
+def _allocate(args, module, spec, variables, groups, protect, inputs, opts):
   import jax.numpy as jnp
 
   import ifjax
 
   kwargs = dict(method=args.allocation, groups=groups, protect=protect, importance=args.importance)
+  if args.allocation == "measured":
+    try:
+      probed = [g.name for g in spec.select(groups) if g.name not in {spec[p].name for p in protect}]
+    except ValueError as e:
+      raise CliError(ExitCode.USAGE, str(e)) from None
+    kwargs["curves"] = ifjax.measure_sensitivity(_train_apply(module), variables, spec, inputs, groups=probed,
+                                                 importance=args.importance, progress=False, **opts)
   if args.target_flops is not None:
     shape = _input_shape(args.model)
     rebuild = lambda w: ifjax.models.get(args.model, num_classes=module.num_classes, widths=w)[0].apply

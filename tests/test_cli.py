@@ -146,6 +146,24 @@ def test_prune_with_synthetic_batchnorm_calibration(tmp_path, capsys):
   assert "--synthetic-bn must be 0 (off) or at least 2" in capsys.readouterr().err
 
 
+@pytest.mark.requires_data(models=("resnet20",))
+def test_prune_with_a_measured_allocation(tmp_path, capsys):
+  """--allocation measured probes the selected groups on the --synthetic-bn inputs: the same widths as
+  synthesize_inputs + measure_sensitivity + allocate in-process; without --synthetic-bn it is a usage error."""
+  groups = ["layer1_0/conv1", "layer2_1/conv1", "layer3_2/conv1"]
+  argv = ["prune", "--model", "resnet20", "--target-params", "0.8", "--allocation", "measured", "--method",
+          "default", "--groups", *groups, "--synthetic-bn", "8", "--synthetic-steps", "2", "--out", str(tmp_path / "m")]
+  assert main(argv) == 0
+  _, _, widths, _ = ifjax.restore(tmp_path / "m")
+  module, spec, dense = ifjax.models.pretrained("resnet20")
+  made = ifjax.synthesize_inputs(module.apply, dense, (32, 32, 3), count=8, steps=2, progress=False)
+  curves = ifjax.measure_sensitivity(module.apply, dense, spec, made.inputs, groups=groups, progress=False, fuse=False)
+  alloc = ifjax.allocate(dense, spec, target_params=0.8, method="measured", curves=curves, groups=groups)
+  assert {g: widths[g] for g in groups} == alloc.kept
+  assert main(argv[:-6] + ["--out", str(tmp_path / "e")]) == ExitCode.USAGE
+  assert "--allocation measured measures on synthetic inputs: give --synthetic-bn N" in capsys.readouterr().err
+
+
 @pytest.mark.requires_data(models=("lenet5",))
 def test_prune_to_a_parameter_budget(tmp_path):
   res = run_cli("prune", "--model", "lenet5", "--target-params", "0.3", "--method", "default", "--out", tmp_path / "c")
