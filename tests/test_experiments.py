@@ -2,6 +2,7 @@
 
 import csv
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -105,3 +106,23 @@ def test_budget_script_iterative_and_data_light(tmp_path):
   budget.main(["--summarize", "--plot", "--out", str(tmp_path)])
   assert "if_paper, data-light: beats default in" in (tmp_path / "results.md").read_text()
   assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.requires_data("cifar10-jpeg.zip", models=("resnet20",))
+def test_budget_script_measured_allocations(tmp_path):
+  """Measured allocations probe on the synthetic inputs (curves cached as JSON, reused by a second run) or on the
+  --calib images, which only the data-light mode may use."""
+  budget = _script("budget")
+  common = ["--model", "resnet20", "--flops", "0.6", "--allocations", "measured-internal", "--methods", "default",
+            "--limit", "50", "--synthetic", "8", "--synthetic-steps", "2", "--calib", "20"]
+  budget.main(common + ["--modes", "synthetic", "--out", str(tmp_path / "s")])
+  saved = json.loads((tmp_path / "s" / "curves_default_recal_internal_8x2.json").read_text())
+  assert len(saved["loss"]) == 9 and all(len(v) == 5 for v in saved["loss"].values())
+  rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+  assert [(r["allocation"], r["mode"]) for r in rows[1:]] == [("measured-internal", "synthetic")]
+  assert float(rows[1]["flops"]) <= 0.6
+  budget.main(common + ["--modes", "light", "--measure-on", "calib", "--out", str(tmp_path / "c")])
+  assert (tmp_path / "c" / "curves_default_recal_internal_calib20.json").exists()
+  with pytest.raises(SystemExit):
+    budget.main(common + ["--modes", "free", "light", "--measure-on", "calib", "--out", str(tmp_path / "e")])
