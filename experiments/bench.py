@@ -7,8 +7,10 @@ Writes ``bench.md`` (and ``bench.json``) under ``--out``:
 
 * **Whole network, ratio 0.5, l1, paper normalisation.** For each model: a *cold* first call in a fresh
   process (``python -c``; with and without the imports of jax, ifjax and POT; XLA compilations counted
-  with ``jax.monitoring``; the peak resident memory above the RSS before the call, Linux only), then *warm* calls in this process, ifjax exact,
-  ifjax Sinkhorn and the reference interleaved, min and median over ``--repeats``.
+  with ``jax.monitoring``; the peak resident memory above the RSS before the call, Linux only), also for a
+  process that finds its programs in a persistent compilation cache filled by an earlier one (``+cache``:
+  :func:`ifjax.enable_compilation_cache`, so no compiler in its time or memory), then *warm* calls in this
+  process, ifjax exact, ifjax Sinkhorn and the reference interleaved, min and median over ``--repeats``.
 * **The reference** implements the authors' algorithm per group with NumPy, ``scipy.spatial.distance.cdist``
   (cityblock), ``ot.emd`` and ``np.tensordot`` on the same BN-folded weights (folding is not timed for it),
   and the table gives the largest difference between its maps and fused weights and ifjax's.
@@ -110,10 +112,16 @@ import ifjax
 t_import = time.perf_counter() - t0
 sys.path.insert(0, {here!r})
 import bench
+solver = {who!r}.split("+")[0]
+if {who!r}.endswith("+cache"):  # a process after one that filled the persistent compilation cache
+  ifjax.enable_compilation_cache({cache!r})
 variables, spec, groups = bench.load({name!r})
 compiles = [0]
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, d, **kw: compiles.__setitem__(0, compiles[0] + (event == "/jax/core/compile/backend_compile_duration")))
+hits = [0]  # programs loaded from the persistent cache (still counted as compiles by the event above)
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.__setitem__(0, hits[0] + (event == "/jax/compilation_cache/cache_hits")))
 def status(key):  # kB, from /proc/self/status (Linux)
   return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -122,24 +130,31 @@ if {who!r} == "reference":
   folded = ifjax._batchnorm.folded_flat(ifjax._spec.on_host(variables), spec)
   t1 = time.perf_counter(); bench.reference(folded, spec, groups); first = time.perf_counter() - t1
 else:
-  t1 = time.perf_counter(); bench.fuse_ifjax(variables, spec, groups, {who!r}); first = time.perf_counter() - t1
-c_first = compiles[0]
+  t1 = time.perf_counter(); bench.fuse_ifjax(variables, spec, groups, solver); first = time.perf_counter() - t1
+c_first, h_first = compiles[0], hits[0]
 rss1 = status("VmHWM")
 t2 = time.perf_counter()
 if {who!r} != "reference":
-  bench.fuse_ifjax(variables, spec, groups, {who!r})
+  bench.fuse_ifjax(variables, spec, groups, solver)
 second = time.perf_counter() - t2
-print(json.dumps(dict(imports=t_import, first=first, compiles_first=c_first, second=second,
+print(json.dumps(dict(imports=t_import, first=first, compiles_first=c_first, cache_hits_first=h_first, second=second,
                       compiles_second=compiles[0] - c_first, peak_rss_growth_mb=(rss1 - rss0) / 1024)))
 """
 
 
 def cold(name: str, who: str) -> dict:
-  code = COLD.format(here=str(pathlib.Path(__file__).parent), name=name, who=who)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
-  if out.returncode:
-    raise RuntimeError(f"cold run {name}/{who} failed:\n{out.stderr[-3000:]}")
+  """A fresh process's first and second call. ``who``: ``exact``, ``sinkhorn``, ``reference``, or
+  ``exact+cache`` / ``sinkhorn+cache``: the process after one that filled an empty persistent compilation
+  cache (:func:`ifjax.enable_compilation_cache`), so it loads its programs instead of compiling them."""
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as cache:
+    code = COLD.format(here=str(pathlib.Path(__file__).parent), name=name, who=who, cache=cache)
+    for _ in range(2 if who.endswith("+cache") else 1):
+      out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+      if out.returncode:
+        raise RuntimeError(f"cold run {name}/{who} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -232,14 +247,16 @@ def report(meta: dict, colds: dict, warms: dict, scale: list[dict]) -> str:
     lines.append("")
   if colds:
     lines += ["**Cold** (a fresh process: the first call with imports excluded; in brackets, with the imports of "
-              "jax, ifjax, POT and SciPy; then a second call; XLA compilations; peak RSS above the RSS before the call):", "",
+              "jax, ifjax, POT and SciPy; then a second call; XLA compilations; peak RSS above the RSS before the call; "
+              "+cache: the process after one that filled a persistent compilation cache):", "",
               "| model | contender | first call (s) | compiles | second call (s) | compiles | peak RSS above start (MB) | "
               "3 x params + largest plan (MB) |", "|---|---|---|---|---|---|---|---|"]
     for (name, who), c in colds.items():
       w = warms.get(name)
       bound = f"{3 * w['param_mb'] + w['largest_plan_mb']:.0f}" if w else ""
       second = f"{c['second']:.3f}" if who != "reference" else ""
-      lines.append(f"| {name} | {who} | {c['first']:.3f} ({c['first'] + c['imports']:.2f}) | {c['compiles_first']} | "
+      hits = f" ({c['cache_hits_first']} from the cache)" if c.get("cache_hits_first") else ""
+      lines.append(f"| {name} | {who} | {c['first']:.3f} ({c['first'] + c['imports']:.2f}) | {c['compiles_first']}{hits} | "
                    f"{second} | {c['compiles_second'] if who != 'reference' else ''} | {c['peak_rss_growth_mb']:.0f} | "
                    f"{bound} |")
     lines.append("")
@@ -281,7 +298,7 @@ def main(argv=None):
   colds, warms = {}, {}
   for name in args.models:
     if not args.no_cold:
-      for who in ("exact", "sinkhorn", "reference"):
+      for who in ("exact", "exact+cache", "sinkhorn", "sinkhorn+cache", "reference"):
         colds[name, who] = cold(name, who)
         print(name, who, "cold", colds[name, who], flush=True)
     warms[name] = warm(name, args.repeats)
