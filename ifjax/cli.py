@@ -74,6 +74,8 @@ _PRUNE_EPILOG = f"""examples:
   ifjax prune --model resnet56 --target-flops 0.5 --protect stream1 stream2a stream2b stream3a stream3b --out r56
   ifjax prune --model vgg11_bn --checkpoint runs/vgg11/final --ratio 0.5 --out vgg_if50
   ifjax prune --model resnet56 --ratio 0.5 --groups $(seq 5 31) --synthetic-bn 256 --out r56_if50_bn
+  ifjax prune --model resnet20 --target-flops 0.52 --allocation measured --protect stream1 stream2a stream2b \\
+      stream3a stream3b --synthetic-bn 256 --out r20_52        # data-free: probes and BNs on synthetic inputs
 
 The output is an ifjax.save checkpoint: variables (BatchNorms folded, or re-estimated with --synthetic-bn), spec
 and widths. In Python:
