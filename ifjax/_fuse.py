@@ -224,6 +224,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
   if solver == "exact" and not traced:  # largest first: the host solves it while XLA computes the smaller costs
     fused = sorted(fused, key=lambda k: -prepared[k][1] * prepared[k][2])
   problems = {}
+  early, pending = {}, []  # exact: groups solved inside the loop; (name, bytes) of costs still being computed
   for name in fused:
     g, n, m, scores, keep = prepared[name]
     x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
@@ -252,10 +253,18 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       cost = _transport.kept_distance(x, keep, p) if keep is not None else _transport.host_distance(x, y, p)
       cost = cost if solver == "exact" else np.asarray(cost)
     problems[name] = (cost, a, b / xp.sum(b))
+    if solver == "exact" and isinstance(cost, jax.Array):  # a compiled cost, holding its inputs until it is done
+      pending.append((name, x.nbytes + 4 * n * m))
+      while len(pending) > 1 and sum(nbytes for _, nbytes in pending) > _INFLIGHT_BYTES:
+        first = pending.pop(0)[0]  # solve the oldest now: its inputs are freed before more are queued
+        early[first], problems[first] = _transport.solve_exact(*problems[first]), None
 
   names = list(problems)
   if solver == "exact" or not names:
-    solved = [_transport.solve_exact(*problems[k]) for k in names]
+    solved = []
+    for k in names:
+      solved.append(early.pop(k) if k in early else _transport.solve_exact(*problems[k]))
+      problems[k] = None  # the exact path needs no cost again
   else:
     solved = _transport.solve_sinkhorn([problems[k] for k in names], epsilon=epsilon, threshold=threshold,
                                        max_iterations=max_iterations)
@@ -275,6 +284,11 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     out[name] = GroupPlan(keep, scores, t.matrix, *transport_maps(t.matrix, normalization), t.converged,
                           t.marginal_error, t.iterations)
   return {name: out[name] if name in out else pruned[name] for name in prepared}, flat
+
+
+# bytes of queued compiled-cost inputs and outputs (neuron vectors, cost matrices) the exact path lets pile up
+# while the host solves earlier groups: more overlaps more, less keeps the peak memory down
+_INFLIGHT_BYTES = 64 * 2**20
 
 
 def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Array]:

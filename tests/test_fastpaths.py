@@ -111,3 +111,27 @@ def test_exact_plans_at_half_are_unit_pairs():
   first, rows, second = _fuse._unit_pairs(np.asarray(pl.consumer_map))
   assert rows is None  # 16 -> 8: two sources per target
   assert sorted(np.concatenate([first, second]).tolist()) == list(range(16))
+
+
+def test_solving_queued_groups_early_changes_nothing(monkeypatch):
+  """With every cost compiled and no room for queued ones, each group is solved as soon as the next is queued
+  (cost, cost, solve, cost, solve, solve) and the plan has the bits of the one that queues every cost first."""
+  import jax
+
+  module, spec = ifjax.models.get("resnet20")
+  v = module.init(jax.random.key(0), np.ones((1, 32, 32, 3), np.float32))
+  groups = ["layer1_0/conv1", "layer2_0/conv1", "layer3_0/conv1"]
+  monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
+  calls = []
+  cost, solve = _transport.kept_distance, _transport.solve_exact
+  monkeypatch.setattr(_transport, "kept_distance", lambda *a: calls.append("cost") or cost(*a))
+  monkeypatch.setattr(_transport, "solve_exact", lambda *a: calls.append("solve") or solve(*a))
+  whole = ifjax.plan(v, spec, 0.5, groups=groups)
+  assert calls == ["cost"] * 3 + ["solve"] * 3
+  calls.clear()
+  monkeypatch.setattr(_fuse, "_INFLIGHT_BYTES", 0)
+  early = ifjax.plan(v, spec, 0.5, groups=groups)
+  assert calls == ["cost", "cost", "solve", "cost", "solve", "solve"]
+  for g in groups:
+    for field in ("keep", "transport", "producer_map", "consumer_map"):
+      np.testing.assert_array_equal(np.asarray(getattr(early[g], field)), np.asarray(getattr(whole[g], field)))
