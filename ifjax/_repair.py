@@ -121,24 +121,31 @@ def _select_kept(arrays: Mapping[str, jax.Array], spec: Spec, plan: Plan) -> dic
   return edit_members(arrays, spec, plan, roles)
 
 
-def _batch_statistics(apply_fn, variables, batches) -> dict[str, jax.Array]:
-  """Mean over ``batches`` of every BN's batch mean and variance, whatever the BNs' momentum.
+def batch_statistics_pass(apply_fn, stat_paths: list[str]):
+  """Jitted ``(variables, x) -> {path: the BN statistic of batch x}`` for the ``batch_stats`` ``stat_paths``,
+  whatever the BNs' momentum.
 
   A train-mode pass updates ``stat <- m * stat + (1 - m) * batch``; two passes
   starting from stat = 0 and stat = 1 give ``a = (1 - m) b`` and ``c = m + a``,
   hence ``b = a / (1 - c + a)``.
   """
-  flat = flatten(variables)
-  stat_paths = [p for p in flat if p.startswith("batch_stats/")]
+  one = jax.jit(lambda v, x, fill: train_mode_statistics(apply_fn, flatten(v), stat_paths, x, fill))
+
+  def pass_(variables, x):
+    a, c = one(variables, x, 0.0), one(variables, x, 1.0)
+    return {p: a[p] / (1.0 - c[p] + a[p]) for p in stat_paths}
+  return pass_
+
+
+def _batch_statistics(apply_fn, variables, batches) -> dict[str, jax.Array]:
+  """Mean over ``batches`` of every BN's batch mean and variance (:func:`batch_statistics_pass`)."""
+  stat_paths = [p for p in flatten(variables) if p.startswith("batch_stats/")]
   if not stat_paths:
     raise ValueError("the variables have no batch_stats to re-estimate")
-
-  pass_ = jax.jit(lambda fill, x: train_mode_statistics(apply_fn, flat, stat_paths, x, fill))
-
+  pass_ = batch_statistics_pass(apply_fn, stat_paths)
   total, count = None, 0
   for x in batches:
-    a, c = pass_(0.0, x), pass_(1.0, x)
-    b = {p: a[p] / (1.0 - c[p] + a[p]) for p in stat_paths}
+    b = pass_(variables, x)
     total = b if total is None else {p: total[p] + b[p] for p in stat_paths}
     count += 1
   if not count:

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._batchnorm import derived_bn, train_mode_statistics
+from ifjax._batchnorm import derived_bn
 from ifjax._fuse import apply_plan, kept_count, plan
-from ifjax._repair import reset_batchnorm_affine
+from ifjax._repair import batch_statistics_pass, reset_batchnorm_affine
 from ifjax._importance import group_size
 from ifjax._spec import Spec, Variables, flatten, unflatten
 
@@ -121,12 +121,7 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
 
   forward = jax.jit(lambda v, xb: apply_fn(v, xb, train=False))
 
-  @jax.jit
-  def statistics(v, xb):  # the batch's BN statistics whatever the momentum, as recalibrate_batchnorm
-    f = flatten(v)
-    a = train_mode_statistics(apply_fn, f, stat_paths, xb, 0.0)
-    c = train_mode_statistics(apply_fn, f, stat_paths, xb, 1.0)
-    return {p: a[p] / (1.0 - c[p] + a[p]) for p in stat_paths}
+  statistics = batch_statistics_pass(apply_fn, stat_paths)
 
   def recalibrated(f: dict) -> dict:
     if not recalibrate:
