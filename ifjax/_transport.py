@@ -20,8 +20,9 @@ from ifjax._spec import array_module
 # n * m * d at or below which the cost is computed with NumPy on the host (no XLA compilation); above it,
 # one compiled tiled kernel per shape.
 _HOST_COST_ELEMENTS = 1 << 22
-# Tiles of the compiled p-norm cost: rows of x per step, features per inner step.
-_TILE_ROWS, _TILE_FEATURES = 64, 256
+# The compiled p-norm cost: (rows of x, rows of y) per tile; features per step (one elementwise loop over the tile,
+# summed as a pairwise tree) and steps per block (summed in order, then added to the total): 256 features a block.
+_TILE_ROWS, _TILE_COLS, _STEP_FEATURES, _BLOCK_STEPS = 256, 256, 16, 16
 # Kept neurons from which the compiled cost computes their symmetric block once (below, the saving does not pay
 # for the second compiled loop).
 _SYMMETRIC_MIN_KEPT = 512
@@ -77,7 +78,8 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
 
   Evaluated from differences, so identical rows are exactly 0 apart for every p, and never as an
   (n, m, d) array: SciPy's ``cdist`` on the host for small NumPy inputs (n * m * d <= 2^22, no
-  compilation), else one jit-compiled kernel over (64 rows x 256 features) tiles (jit-able).
+  compilation), else one jit-compiled kernel over (256 x 256) tiles, vectorised along the columns, 16
+  features per step (jit-able).
   ``p``: 0 < p <= inf.
   """
   p = check_p(p)
@@ -136,32 +138,47 @@ def _pairwise_host(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
   return cdist(x, y, metric, **kw).astype(np.float32)
 
 
-def _feature_tiles(x: jax.Array, feats: int) -> jax.Array:
-  """(k, d) -> (k, feature tiles, feats), zero-padded (zero features add |0 - 0| = 0)."""
+def _tiles(x: jax.Array, size: int) -> jax.Array:
+  """(k, d) -> (tiles, blocks, steps, feats, size): the rows in tiles of ``size`` and each tile's features in
+  blocks of ``_BLOCK_STEPS`` steps of ``_STEP_FEATURES``, zero-padded (zero rows are cropped from the result;
+  zero features add |0 - 0| = 0), the rows of a tile last (the vectorised axis)."""
   k, d = x.shape
-  return jnp.pad(x, ((0, 0), (0, -d % feats))).reshape(k, -1, feats)
+  x = jnp.pad(x, ((0, -k % size), (0, -d % (_STEP_FEATURES * _BLOCK_STEPS))))
+  x = x.T.reshape(-1, _BLOCK_STEPS, _STEP_FEATURES, x.shape[0] // size, size)
+  return jnp.moveaxis(x, 3, 0)
 
 
-def _tile_distance(xb: jax.Array, ys: jax.Array, p: float) -> jax.Array:
-  """(rows, F, feats) and (F, cols, feats) feature tiles -> (rows, cols) sums of ``|x - y|^p`` (max for
-  p = inf), one feature tile at a time: the summation order of every entry."""
-  combine, reduce = (jnp.maximum, jnp.max) if math.isinf(p) else (jnp.add, jnp.sum)
+def _tile_distance(xb: jax.Array, yb: jax.Array, p: float) -> jax.Array:
+  """(blocks, steps, feats, rows) and (blocks, steps, feats, cols) feature blocks -> (rows, cols) sums of
+  ``|x - y|^p`` (max for p = inf). The summation order of every entry, whatever the tile: a pairwise tree over
+  the features of a step, the steps of a block in order, then the blocks in order. Each step is one elementwise
+  loop over the (rows, cols) tile, vectorised along the columns (no horizontal reductions)."""
+  combine = jnp.maximum if math.isinf(p) else jnp.add
 
-  def step(acc, k):
-    diff = jnp.abs(xb[:, k, None, :] - ys[k][None])
-    return combine(acc, reduce(diff if p == 1 or math.isinf(p) else diff**p, axis=-1)), None
+  def term(xs, ys):
+    diff = jnp.abs(xs[:, None] - ys[None, :])
+    return diff if p == 1 or math.isinf(p) else diff**p
 
-  acc, _ = jax.lax.scan(step, jnp.zeros((xb.shape[0], ys.shape[1]), jnp.float32), jnp.arange(ys.shape[0]))
+  def step(part, xy):
+    terms = [term(xs, ys) for xs, ys in zip(*xy)]
+    while len(terms) > 1:
+      terms = [combine(*terms[i:i + 2]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return combine(part, terms[0]), None
+
+  def block(acc, xy):
+    part, _ = jax.lax.scan(step, jnp.zeros_like(acc), xy)
+    return combine(acc, part), None
+
+  acc, _ = jax.lax.scan(block, jnp.zeros((xb.shape[-1], yb.shape[-1]), jnp.float32), (xb, yb))
   return acc
 
 
-def _rows_distance(x: jax.Array, ys: jax.Array, p: float) -> jax.Array:
-  """(n, d) rows against (F, m, feats) feature tiles -> (n, m), ``_TILE_ROWS`` rows at a time (no root)."""
-  n = x.shape[0]
-  rows = min(_TILE_ROWS, n)
-  xs = _feature_tiles(jnp.pad(x, ((0, -n % rows), (0, 0))), ys.shape[2])
-  xs = xs.reshape(-1, rows, *xs.shape[1:])  # (row tiles, rows, F, feats)
-  return jax.lax.map(lambda xb: _tile_distance(xb, ys, p), xs).reshape(-1, ys.shape[1])[:n]
+def _rows_distance(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
+  """(n, d), (m, d) -> (n, m) sums (no root), in tiles of ``_TILE_ROWS`` x ``_TILE_COLS``."""
+  (n, _), m = x.shape, y.shape[0]
+  xt, yt = _tiles(x, min(_TILE_ROWS, n)), _tiles(y, min(_TILE_COLS, m))
+  out = jax.lax.map(lambda a: jax.lax.map(lambda b: _tile_distance(a, b, p), yt), xt)  # (rt, ct, rows, cols)
+  return out.transpose(0, 2, 1, 3).reshape(out.shape[0] * out.shape[2], -1)[:n, :m]
 
 
 def _root(out: jax.Array, p: float) -> jax.Array:
@@ -171,27 +188,25 @@ def _root(out: jax.Array, p: float) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("p",))
 def _pairwise_tiled(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-  ys = _feature_tiles(y, min(_TILE_FEATURES, x.shape[1])).transpose(1, 0, 2)  # (F, m, feats)
-  return _root(_rows_distance(x, ys, p), p)
+  return _root(_rows_distance(x, y, p), p)
 
 
 @functools.partial(jax.jit, static_argnames=("p",))
 def _kept_tiled(x: jax.Array, keep: jax.Array, drop: jax.Array, p: float) -> jax.Array:
   """:func:`kept_distance`'s compiled kernel: the dropped rows against the kept ones as in
-  :func:`_pairwise_tiled`, and the kept block from its upper-triangle (r, r) tile pairs (r = min(64, m)),
+  :func:`_pairwise_tiled`, and the kept block from its upper-triangle (r, r) tile pairs (r = min(_TILE_COLS, m)),
   mirrored into the lower triangle."""
-  n, d = x.shape
+  n, _ = x.shape
   m, k = keep.shape[0], drop.shape[0]
-  feats, r = min(_TILE_FEATURES, d), min(_TILE_ROWS, m)
+  r = min(_TILE_COLS, m)
   t = -(-m // r)
-  yt = _feature_tiles(jnp.pad(x[keep], ((0, t * r - m), (0, 0))), feats).reshape(t, r, -1, feats)  # (t, r, F, feats)
-  yc = yt.transpose(0, 2, 1, 3)  # the same tiles as columns: (t, F, r, feats)
+  tiles = _tiles(x[keep], r)  # (t, blocks, steps, feats, r)
   ia, ib = np.triu_indices(t)
-  pairs = jax.lax.map(lambda ij: _tile_distance(yt[ij[0]], yc[ij[1]], p), jnp.asarray(np.stack([ia, ib], 1)))
+  pairs = jax.lax.map(lambda ij: _tile_distance(tiles[ij[0]], tiles[ij[1]], p), jnp.asarray(np.stack([ia, ib], 1)))
   block = jnp.zeros((t, t, r, r), jnp.float32).at[ia, ib].set(pairs).at[ib, ia].set(pairs.transpose(0, 2, 1))
   out = jnp.zeros((n, m), jnp.float32).at[keep].set(block.transpose(0, 2, 1, 3).reshape(t * r, t * r)[:m, :m])
   if k:
-    out = out.at[drop].set(_rows_distance(x[drop], _feature_tiles(x[keep], feats).transpose(1, 0, 2), p))
+    out = out.at[drop].set(_rows_distance(x[drop], x[keep], p))
   return _root(out, p)
 
 

@@ -20,9 +20,11 @@ def _normalized(rng, n, d):
 @pytest.mark.parametrize("kernel, p", [(False, p) for p in (1.0, 2.0, 3.0, 0.5, np.inf)]
                          + [(True, p) for p in (1.0, 3.0, np.inf)])  # the kernel compiles per p and shape
 def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
-  if kernel:  # small tiles that do not divide the shapes: 3 rows, 4 features; every NumPy input to the kernel
+  if kernel:  # small tiles that do not divide the shapes: 3 x 3, blocks of 2 x 3 features; every NumPy input to the kernel
     monkeypatch.setattr(_transport, "_TILE_ROWS", 3)
-    monkeypatch.setattr(_transport, "_TILE_FEATURES", 4)
+    monkeypatch.setattr(_transport, "_TILE_COLS", 3)
+    monkeypatch.setattr(_transport, "_STEP_FEATURES", 3)
+    monkeypatch.setattr(_transport, "_BLOCK_STEPS", 2)
     monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
     monkeypatch.setattr(_transport, "_SYMMETRIC_MIN_KEPT", 1)
   else:  # pdist for every kept block
@@ -47,11 +49,13 @@ def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
 
 
 def test_kept_distance_kernel_computes_only_upper_tile_pairs(monkeypatch):
-  """7 kept rows in 3-row tiles: 3 tiles, 6 = 3 * 4 / 2 tile pairs instead of 9."""
+  """7 kept rows in (3 x 3) tiles: 3 tiles, 6 = 3 * 4 / 2 tile pairs instead of 9."""
   import jax
 
   monkeypatch.setattr(_transport, "_TILE_ROWS", 3)
-  monkeypatch.setattr(_transport, "_TILE_FEATURES", 4)
+  monkeypatch.setattr(_transport, "_TILE_COLS", 3)
+  monkeypatch.setattr(_transport, "_STEP_FEATURES", 3)
+  monkeypatch.setattr(_transport, "_BLOCK_STEPS", 2)
   _transport._kept_tiled.clear_cache()
   try:
     x = _normalized(np.random.default_rng(0), 12, 8)

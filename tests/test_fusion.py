@@ -547,16 +547,18 @@ def test_pairwise_distance_matches_naive_cdist(p, monkeypatch):
   np.testing.assert_allclose(host, _cdist(x, y, p), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ifjax.pairwise_distance(jnp.asarray(x), jnp.asarray(y), p=p), _cdist(x, y, p),
                              rtol=1e-5, atol=1e-5)
-  # the compiled kernel with tiles that do not divide the shapes: 3-row tiles (10 = 3 * 3 + 1) and
-  # 4-feature tiles (9 = 2 * 4 + 1), zero-padded
+  # the compiled kernel with tiles that do not divide the shapes: (3 x 3) tiles (10 = 3 * 3 + 1) and blocks of
+  # 2 steps of 3 features (9 = 6 + 3), zero-padded; a step of 3 features leaves one out of the first pair of its tree
   x2, y2 = rng.normal(size=(10, 9)).astype(np.float32), rng.normal(size=(6, 9)).astype(np.float32)
   monkeypatch.setattr(ifjax._transport, "_TILE_ROWS", 3)
-  monkeypatch.setattr(ifjax._transport, "_TILE_FEATURES", 4)
+  monkeypatch.setattr(ifjax._transport, "_TILE_COLS", 3)
+  monkeypatch.setattr(ifjax._transport, "_STEP_FEATURES", 3)
+  monkeypatch.setattr(ifjax._transport, "_BLOCK_STEPS", 2)
   monkeypatch.setattr(ifjax._transport, "_HOST_COST_ELEMENTS", 0)  # NumPy input goes to the kernel too
   ifjax._transport._pairwise_tiled.clear_cache()
   try:
     jaxpr = str(jax.make_jaxpr(lambda a, b: ifjax.pairwise_distance(a, b, p=p))(x2, y2))
-    assert sorted(re.findall(r"length=(\d+)", jaxpr)) == ["3", "4"], jaxpr  # 3 feature tiles in 4 row tiles
+    assert sorted(re.findall(r"length=(\d+)", jaxpr)) == ["2", "2", "2", "4"], jaxpr  # 2 blocks of 2 steps, 4 x 2 tiles
     np.testing.assert_allclose(ifjax.pairwise_distance(x2, y2, p=p), _cdist(x2, y2, p), rtol=1e-5, atol=1e-5)
     assert ifjax.pairwise_distance(x2, x2[:4], p=p)[np.arange(4), np.arange(4)].max() == 0  # duplicates: exactly 0
   finally:
