@@ -253,7 +253,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       cost = _transport.kept_distance(x, keep, p) if keep is not None else _transport.host_distance(x, y, p)
       cost = cost if solver == "exact" else np.asarray(cost)
     problems[name] = (cost, a, b / xp.sum(b))
-    if solver == "exact" and isinstance(cost, jax.Array):  # a compiled cost, holding its inputs until it is done
+    if solver == "exact" and isinstance(cost, _transport.PendingCost):  # holds its inputs until it is done
       pending.append((name, x.nbytes + 4 * n * m))
       while len(pending) > 1 and sum(nbytes for _, nbytes in pending) > _INFLIGHT_BYTES:
         first = pending.pop(0)[0]  # solve the oldest now: its inputs are freed before more are queued

@@ -20,12 +20,11 @@ from ifjax._spec import array_module
 # n * m * d at or below which the cost is computed with NumPy on the host (no XLA compilation); above it,
 # one compiled tiled kernel per shape.
 _HOST_COST_ELEMENTS = 1 << 22
-# The compiled p-norm cost: (rows of x, rows of y) per tile; features per step (one elementwise loop over the tile,
-# summed as a pairwise tree) and steps per block (summed in order, then added to the total): 256 features a block.
-_TILE_ROWS, _TILE_COLS, _STEP_FEATURES, _BLOCK_STEPS = 256, 256, 16, 16
-# Kept neurons from which the compiled cost computes their symmetric block once (below, the saving does not pay
-# for the second compiled loop).
-_SYMMETRIC_MIN_KEPT = 512
+# The compiled p-norm cost: rows of x and of y per (square) tile; features per step (one elementwise loop over the
+# tile, summed as a pairwise tree) and steps per block (summed in order, then added to the total): 256 features a
+# block. NumPy inputs go through one program, ``_tile_kernel``, for every shape: a tile against a tile over
+# ``_CHUNK_BLOCKS`` blocks of features per call (then one block per call for the rest).
+_TILE, _STEP_FEATURES, _BLOCK_STEPS, _CHUNK_BLOCKS = 256, 16, 16, 4
 # m * m * d from which the host cost computes the kept block with pdist (below, pdist's overhead is larger).
 _HOST_SYMMETRIC_MIN_ELEMENTS = 1 << 19
 
@@ -78,8 +77,9 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
 
   Evaluated from differences, so identical rows are exactly 0 apart for every p, and never as an
   (n, m, d) array: SciPy's ``cdist`` on the host for small NumPy inputs (n * m * d <= 2^22, no
-  compilation), else one jit-compiled kernel over (256 x 256) tiles, vectorised along the columns, 16
-  features per step (jit-able).
+  compilation), else compiled (256 x 256) tiles, vectorised along the columns, 16 features per step: for
+  NumPy inputs one program for every shape, called per tile and chunk of up to 1024 features; for jax arrays one
+  program per shape (jit-able).
   ``p``: 0 < p <= inf.
   """
   p = check_p(p)
@@ -88,22 +88,24 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
   return _pairwise_tiled(x, y, p=float(p))
 
 
-def host_distance(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray | jax.Array:
+def host_distance(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray | PendingCost:
   """:func:`pairwise_distance` of NumPy inputs without waiting for the compiled kernel: a NumPy array, or
-  a jax array still being computed (``np.asarray`` waits for it), so the host can go on meanwhile, e.g.
-  solve the OT problem of an earlier group. ``p`` checked by the caller."""
+  a :class:`PendingCost` still being computed (``np.asarray`` waits for it), so the host can go on meanwhile,
+  e.g. solve the OT problem of an earlier group. ``p`` checked by the caller."""
   x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
   if x.shape[0] * y.shape[0] * x.shape[1] <= _HOST_COST_ELEMENTS:
     return _pairwise_host(x, y, float(p))
-  return _pairwise_tiled(x, y, p=float(p))
+  rows, cols = _host_tiles(x, False), _host_tiles(y, True)
+  tiles = {(i, j): _tile_sums(rows[i], cols[j], p) for i in range(len(rows)) for j in range(len(cols))}
+  return PendingCost(tiles, (x.shape[0], y.shape[0]), float(p), None)
 
 
-def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | jax.Array:
+def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | PendingCost:
   """(n, d) NumPy rows, (m,) distinct kept row indices -> (n, m) ``host_distance(x, x[keep], p)``, bit for bit
-  (a jax array still being computed for large inputs). The (m, m) block among the kept rows is symmetric and
-  computed once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host, upper-
-  triangle tile pairs in the compiled kernel (from ``_SYMMETRIC_MIN_KEPT`` kept rows). Every entry is summed in
-  the order :func:`pairwise_distance` sums it. ``p`` checked by the caller."""
+  (a :class:`PendingCost` for large inputs). The (m, m) block among the kept rows is symmetric and computed
+  once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host, upper-triangle
+  tile pairs in the compiled kernel. Every entry is summed in the order :func:`pairwise_distance` sums it.
+  ``p`` checked by the caller."""
   x = np.asarray(x, np.float32)
   n, d = x.shape
   y = x[keep]
@@ -112,9 +114,11 @@ def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | jax
   mask[keep] = False
   drop = np.flatnonzero(mask)
   if n * m * d > _HOST_COST_ELEMENTS:
-    if m < _SYMMETRIC_MIN_KEPT:
-      return _pairwise_tiled(x, y, p=float(p))
-    return _kept_tiled(x, np.asarray(keep, np.int32), drop.astype(np.int32), p=float(p))
+    rows, cols, dropped = _host_tiles(y, False), _host_tiles(y, True), _host_tiles(x[drop], False)
+    tiles = {(i, j): _tile_sums(rows[i], cols[j], p) for i in range(len(rows)) for j in range(i, len(cols))}
+    tiles.update({(-1 - i, j): _tile_sums(dropped[i], cols[j], p) for i in range(len(dropped))
+                  for j in range(len(cols))})
+    return PendingCost(tiles, (n, m), float(p), (np.asarray(keep), drop))
   if m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS:
     return _pairwise_host(x, y, float(p))
   from scipy.spatial.distance import pdist, squareform
@@ -124,6 +128,48 @@ def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | jax
   metric, kw = _scipy_metric(float(p))
   out[keep] = squareform(pdist(y, metric, **kw)).astype(np.float32)
   return out
+
+
+class PendingCost:
+  """An (n, m) cost matrix that the compiled kernel is still computing, as (tile, tile) sums; ``np.asarray``
+  waits for them and assembles the matrix (with the root for 1 < p < inf).
+
+  Tiles are keyed ``(i, j)``: row tile i of x (or of the kept rows, of which only i <= j is computed and the rest
+  mirrored) against column tile j, and ``(-1 - i, j)``: row tile i of the dropped rows, for :func:`kept_distance`.
+  """
+
+  def __init__(self, tiles: dict[tuple[int, int], jax.Array], shape: tuple[int, int], p: float,
+               kept: tuple[np.ndarray, np.ndarray] | None):
+    self.tiles, self.shape, self.p, self.kept = tiles, shape, p, kept
+
+  @property
+  def nbytes(self) -> int:
+    return 4 * _TILE * _TILE * len(self.tiles)
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    n, m = self.shape
+    ct = -(-m // _TILE)
+    full = lambda rows: np.empty((-(-rows // _TILE) * _TILE, ct * _TILE), np.float32)
+    if self.kept is None:
+      out = full(n)
+    else:
+      keep, drop = self.kept
+      out, rest = full(m), full(len(drop))
+    for (i, j), tile in self.tiles.items():
+      tile = np.asarray(tile)
+      if i < 0:
+        rest[(-1 - i) * _TILE:(-i) * _TILE, j * _TILE:(j + 1) * _TILE] = tile
+      else:
+        out[i * _TILE:(i + 1) * _TILE, j * _TILE:(j + 1) * _TILE] = tile
+        if self.kept is not None and i != j:
+          out[j * _TILE:(j + 1) * _TILE, i * _TILE:(i + 1) * _TILE] = tile.T
+    if self.kept is None:
+      out = out[:n, :m]
+    else:
+      kept_block, out = out[:m, :m], np.empty((n, m), np.float32)
+      out[keep], out[drop] = kept_block, rest[:len(drop), :m]
+    out = _root(out, self.p)
+    return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def _scipy_metric(p: float) -> tuple[str, dict]:
@@ -138,29 +184,23 @@ def _pairwise_host(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
   return cdist(x, y, metric, **kw).astype(np.float32)
 
 
-def _tiles(x: jax.Array, size: int) -> jax.Array:
-  """(k, d) -> (tiles, blocks, steps, feats, size): the rows in tiles of ``size`` and each tile's features in
-  blocks of ``_BLOCK_STEPS`` steps of ``_STEP_FEATURES``, zero-padded (zero rows are cropped from the result;
-  zero features add |0 - 0| = 0), the rows of a tile last (the vectorised axis)."""
-  k, d = x.shape
-  x = jnp.pad(x, ((0, -k % size), (0, -d % (_STEP_FEATURES * _BLOCK_STEPS))))
-  x = x.T.reshape(-1, _BLOCK_STEPS, _STEP_FEATURES, x.shape[0] // size, size)
-  return jnp.moveaxis(x, 3, 0)
-
-
-def _tile_distance(xb: jax.Array, yb: jax.Array, p: float) -> jax.Array:
-  """(blocks, steps, feats, rows) and (blocks, steps, feats, cols) feature blocks -> (rows, cols) sums of
-  ``|x - y|^p`` (max for p = inf). The summation order of every entry, whatever the tile: a pairwise tree over
-  the features of a step, the steps of a block in order, then the blocks in order. Each step is one elementwise
-  loop over the (rows, cols) tile, vectorised along the columns (no horizontal reductions)."""
+def _tile_distance(xs: jax.Array, ys: jax.Array, p: float, acc: jax.Array | None = None) -> jax.Array:
+  """(rows, F) features of x, row-major, and (F, cols) features of y, feature-major (F a multiple of the block,
+  ``_BLOCK_STEPS * _STEP_FEATURES``) -> (rows, cols) sums of ``|x - y|^p`` (max for p = inf), added to ``acc``
+  (running sums over earlier features) if given. The summation order of every entry, whatever the tile and
+  the chunks of features: a pairwise tree over the features of a step, the steps of a block in order, then the
+  blocks in order. Each step is one elementwise loop over the tile, vectorised along the columns."""
   combine = jnp.maximum if math.isinf(p) else jnp.add
+  xb = jnp.moveaxis(xs.reshape(xs.shape[0], -1, _BLOCK_STEPS, _STEP_FEATURES), 0, 2)  # (blocks, steps, rows, feats)
+  yb = ys.reshape(-1, _BLOCK_STEPS, _STEP_FEATURES, ys.shape[1])  # (blocks, steps, feats, cols)
 
-  def term(xs, ys):
-    diff = jnp.abs(xs[:, None] - ys[None, :])
+  def term(xcol, yrow):
+    diff = jnp.abs(xcol[:, None] - yrow[None, :])
     return diff if p == 1 or math.isinf(p) else diff**p
 
   def step(part, xy):
-    terms = [term(xs, ys) for xs, ys in zip(*xy)]
+    xk, yk = xy
+    terms = [term(xk[:, u], yk[u]) for u in range(_STEP_FEATURES)]
     while len(terms) > 1:
       terms = [combine(*terms[i:i + 2]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
     return combine(part, terms[0]), None
@@ -169,20 +209,31 @@ def _tile_distance(xb: jax.Array, yb: jax.Array, p: float) -> jax.Array:
     part, _ = jax.lax.scan(step, jnp.zeros_like(acc), xy)
     return combine(acc, part), None
 
-  acc, _ = jax.lax.scan(block, jnp.zeros((xb.shape[-1], yb.shape[-1]), jnp.float32), (xb, yb))
-  return acc
+  acc = jnp.zeros((xs.shape[0], ys.shape[1]), jnp.float32) if acc is None else acc
+  return jax.lax.scan(block, acc, (xb, yb))[0]
+
+
+def _padded(x, rows: int, features: int):
+  """(k, d) -> zero-padded to multiples of ``rows`` and ``features`` (zero rows are cropped from results, zero
+  features add |0 - 0| = 0)."""
+  k, d = x.shape
+  return array_module(x).pad(x, ((0, -k % rows), (0, -d % features)))
 
 
 def _rows_distance(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
-  """(n, d), (m, d) -> (n, m) sums (no root), in tiles of ``_TILE_ROWS`` x ``_TILE_COLS``."""
+  """(n, d), (m, d) -> (n, m) sums (no root), in tiles of up to ``_TILE`` x ``_TILE``."""
   (n, _), m = x.shape, y.shape[0]
-  xt, yt = _tiles(x, min(_TILE_ROWS, n)), _tiles(y, min(_TILE_COLS, m))
+  rows, cols, block = min(_TILE, n), min(_TILE, m), _BLOCK_STEPS * _STEP_FEATURES
+  xt = _padded(x, rows, block)
+  xt = xt.reshape(-1, rows, xt.shape[1])  # (row tiles, rows, F)
+  yt = _padded(y, cols, block).T  # (F, column tiles * cols)
+  yt = jnp.moveaxis(yt.reshape(yt.shape[0], -1, cols), 1, 0)  # (column tiles, F, cols)
   out = jax.lax.map(lambda a: jax.lax.map(lambda b: _tile_distance(a, b, p), yt), xt)  # (rt, ct, rows, cols)
-  return out.transpose(0, 2, 1, 3).reshape(out.shape[0] * out.shape[2], -1)[:n, :m]
+  return out.transpose(0, 2, 1, 3).reshape(out.shape[0] * rows, -1)[:n, :m]
 
 
 def _root(out: jax.Array, p: float) -> jax.Array:
-  return out if p == 1 or math.isinf(p) else out ** (1.0 / p)
+  return out if p == 1 or math.isinf(p) else out ** np.float32(1.0 / p)
 
 
 @functools.partial(jax.jit, static_argnames=("p",))
@@ -191,23 +242,45 @@ def _pairwise_tiled(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
   return _root(_rows_distance(x, y, p), p)
 
 
+def _chunks(d: int) -> list[slice]:
+  """Feature ranges of the kernel calls over d features: ``_CHUNK_BLOCKS`` blocks each, then single blocks
+  (two compiled shapes in all)."""
+  block = _BLOCK_STEPS * _STEP_FEATURES
+  blocks = -(-d // block)
+  whole = blocks - blocks % _CHUNK_BLOCKS
+  starts = [*range(0, whole, _CHUNK_BLOCKS), *range(whole, blocks)]
+  ends = starts[1:] + [blocks]
+  return [slice(a * block, b * block) for a, b in zip(starts, ends)]
+
+
+def _host_tiles(x: np.ndarray, columns: bool) -> list[list[jax.Array]]:
+  """(k, d) NumPy rows -> per tile of ``_TILE`` rows, per chunk of :func:`_chunks`, a device array of the
+  tile's features: (_TILE, F) as rows of the cost, (F, _TILE) if ``columns`` (zero-padded)."""
+  padded = _padded(x, _TILE, _BLOCK_STEPS * _STEP_FEATURES)
+  chunks = _chunks(x.shape[1])
+  if columns:
+    padded = padded.T
+    return [[jax.device_put(np.ascontiguousarray(padded[c, i:i + _TILE])) for c in chunks]
+            for i in range(0, padded.shape[1], _TILE)]
+  return [[jax.device_put(np.ascontiguousarray(padded[i:i + _TILE, c])) for c in chunks]
+          for i in range(0, padded.shape[0], _TILE)]
+
+
+def _tile_sums(xs: list[jax.Array], ys: list[jax.Array], p: float) -> jax.Array:
+  """A row tile's and a column tile's feature chunks (:func:`_host_tiles`) -> their (_TILE, _TILE) sums (no
+  root), one :func:`_tile_kernel` call per chunk, dispatched without waiting."""
+  acc = np.zeros((_TILE, _TILE), np.float32)
+  for a, b in zip(xs, ys):
+    acc = _tile_kernel(acc, a, b, p=p)
+  return acc
+
+
 @functools.partial(jax.jit, static_argnames=("p",))
-def _kept_tiled(x: jax.Array, keep: jax.Array, drop: jax.Array, p: float) -> jax.Array:
-  """:func:`kept_distance`'s compiled kernel: the dropped rows against the kept ones as in
-  :func:`_pairwise_tiled`, and the kept block from its upper-triangle (r, r) tile pairs (r = min(_TILE_COLS, m)),
-  mirrored into the lower triangle."""
-  n, _ = x.shape
-  m, k = keep.shape[0], drop.shape[0]
-  r = min(_TILE_COLS, m)
-  t = -(-m // r)
-  tiles = _tiles(x[keep], r)  # (t, blocks, steps, feats, r)
-  ia, ib = np.triu_indices(t)
-  pairs = jax.lax.map(lambda ij: _tile_distance(tiles[ij[0]], tiles[ij[1]], p), jnp.asarray(np.stack([ia, ib], 1)))
-  block = jnp.zeros((t, t, r, r), jnp.float32).at[ia, ib].set(pairs).at[ib, ia].set(pairs.transpose(0, 2, 1))
-  out = jnp.zeros((n, m), jnp.float32).at[keep].set(block.transpose(0, 2, 1, 3).reshape(t * r, t * r)[:m, :m])
-  if k:
-    out = out.at[drop].set(_rows_distance(x[drop], x[keep], p))
-  return _root(out, p)
+def _tile_kernel(acc: jax.Array, xs: jax.Array, ys: jax.Array, p: float) -> jax.Array:
+  """(T, T) running sums, (T, F) features of a row tile and (F, T) of a column tile -> the sums continued over
+  the F features (:func:`_tile_distance`): the compiled program of every host-side cost, whatever the model,
+  in two shapes of F (:func:`_chunks`)."""
+  return _tile_distance(xs, ys, p, acc)
 
 
 def _marginal_error(t, a, b):

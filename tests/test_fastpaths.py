@@ -6,6 +6,7 @@
   paper's maps at ratio 0.5): every fused weight must equal the dense product's, signed zeros included.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,20 +18,22 @@ def _normalized(rng, n, d):
   return np.asarray(_transport.normalize_rows(rng.normal(size=(n, d)).astype(np.float32)))
 
 
+def _small_tiles(monkeypatch):
+  """Tiles that do not divide the test shapes: 3 x 3 rows, steps of 3 features (an odd tree), 2 steps a block,
+  2 blocks a chunk."""
+  for name, value in (("_TILE", 3), ("_STEP_FEATURES", 3), ("_BLOCK_STEPS", 2), ("_CHUNK_BLOCKS", 2)):
+    monkeypatch.setattr(_transport, name, value)
+
+
 @pytest.mark.parametrize("kernel, p", [(False, p) for p in (1.0, 2.0, 3.0, 0.5, np.inf)]
-                         + [(True, p) for p in (1.0, 3.0, np.inf)])  # the kernel compiles per p and shape
+                         + [(True, p) for p in (1.0, 3.0, np.inf)])  # the kernel compiles per p
 def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
-  if kernel:  # small tiles that do not divide the shapes: 3 x 3, blocks of 2 x 3 features; every NumPy input to the kernel
-    monkeypatch.setattr(_transport, "_TILE_ROWS", 3)
-    monkeypatch.setattr(_transport, "_TILE_COLS", 3)
-    monkeypatch.setattr(_transport, "_STEP_FEATURES", 3)
-    monkeypatch.setattr(_transport, "_BLOCK_STEPS", 2)
+  if kernel:  # every NumPy input to the compiled tiles
+    _small_tiles(monkeypatch)
     monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
-    monkeypatch.setattr(_transport, "_SYMMETRIC_MIN_KEPT", 1)
   else:  # pdist for every kept block
     monkeypatch.setattr(_transport, "_HOST_SYMMETRIC_MIN_ELEMENTS", 0)
   _transport._pairwise_tiled.clear_cache()
-  _transport._kept_tiled.clear_cache()
   try:
     rng = np.random.default_rng(0)
     for n, m, d in [(11, 5, 9), (12, 7, 4), (8, 8, 5), (9, 1, 6), (16, 10, 13)]:  # all kept (8 of 8), one kept
@@ -42,30 +45,30 @@ def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
       np.testing.assert_array_equal(got, want, err_msg=f"n={n} m={m} d={d}")
       assert np.all(got[keep, np.arange(m)] == 0)  # a kept neuron is 0 from itself
       np.testing.assert_array_equal(got[keep], got[keep].T)  # the kept block is symmetric
+      if kernel:  # the jit-able kernel of jax inputs sums in the same order; the root (p = 3) is XLA's pow, not NumPy's
+        traced = np.asarray(ifjax.pairwise_distance(jnp.asarray(x), jnp.asarray(x[keep]), p=p))
+        np.testing.assert_allclose(traced, want, rtol=0 if p in (1.0, np.inf) else 3e-7, atol=0)
   finally:
     monkeypatch.undo()
     _transport._pairwise_tiled.clear_cache()
-    _transport._kept_tiled.clear_cache()
 
 
 def test_kept_distance_kernel_computes_only_upper_tile_pairs(monkeypatch):
-  """7 kept rows in (3 x 3) tiles: 3 tiles, 6 = 3 * 4 / 2 tile pairs instead of 9."""
-  import jax
-
-  monkeypatch.setattr(_transport, "_TILE_ROWS", 3)
-  monkeypatch.setattr(_transport, "_TILE_COLS", 3)
-  monkeypatch.setattr(_transport, "_STEP_FEATURES", 3)
-  monkeypatch.setattr(_transport, "_BLOCK_STEPS", 2)
-  _transport._kept_tiled.clear_cache()
-  try:
-    x = _normalized(np.random.default_rng(0), 12, 8)
-    keep = np.array([0, 2, 4, 6, 8, 10, 11], np.int32)
-    drop = np.setdiff1d(np.arange(12), keep).astype(np.int32)
-    jaxpr = str(jax.make_jaxpr(lambda a, k, r: _transport._kept_tiled(a, k, r, p=1.0))(x, keep, drop))
-    assert "length=6" in jaxpr and "length=9" not in jaxpr, jaxpr
-  finally:
-    monkeypatch.undo()
-    _transport._kept_tiled.clear_cache()
+  """7 kept rows in 3-row tiles: 3 tiles, 6 = 3 * 4 / 2 tile pairs instead of 9, and 5 dropped rows in 2 tiles
+  against the 3; 13 features in 3 blocks of 6: a chunk of 2 blocks and one of 1, so (6 + 6) * 2 kernel calls of
+  two compiled shapes."""
+  _small_tiles(monkeypatch)
+  monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
+  calls = []
+  kernel = _transport._tile_kernel
+  monkeypatch.setattr(_transport, "_tile_kernel", lambda acc, a, b, p: calls.append(a.shape) or kernel(acc, a, b, p=p))
+  x = _normalized(np.random.default_rng(0), 12, 13)
+  keep = np.array([0, 2, 4, 6, 8, 10, 11], np.int32)
+  cost = _transport.kept_distance(x, keep, 1.0)
+  assert sorted(k for k in cost.tiles if k[0] >= 0) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+  assert sorted(k for k in cost.tiles if k[0] < 0) == [(i, j) for i in (-2, -1) for j in range(3)]
+  assert len(calls) == 24 and set(calls) == {(3, 12), (3, 6)}
+  np.testing.assert_array_equal(np.asarray(cost), ifjax.pairwise_distance(x, x[keep], p=1.0))
 
 
 def _one_layer(kernel):

@@ -550,12 +550,12 @@ def test_pairwise_distance_matches_naive_cdist(p, monkeypatch):
   # the compiled kernel with tiles that do not divide the shapes: (3 x 3) tiles (10 = 3 * 3 + 1) and blocks of
   # 2 steps of 3 features (9 = 6 + 3), zero-padded; a step of 3 features leaves one out of the first pair of its tree
   x2, y2 = rng.normal(size=(10, 9)).astype(np.float32), rng.normal(size=(6, 9)).astype(np.float32)
-  monkeypatch.setattr(ifjax._transport, "_TILE_ROWS", 3)
-  monkeypatch.setattr(ifjax._transport, "_TILE_COLS", 3)
+  monkeypatch.setattr(ifjax._transport, "_TILE", 3)
   monkeypatch.setattr(ifjax._transport, "_STEP_FEATURES", 3)
   monkeypatch.setattr(ifjax._transport, "_BLOCK_STEPS", 2)
   monkeypatch.setattr(ifjax._transport, "_HOST_COST_ELEMENTS", 0)  # NumPy input goes to the kernel too
   ifjax._transport._pairwise_tiled.clear_cache()
+  ifjax._transport._tile_kernel.clear_cache()
   try:
     jaxpr = str(jax.make_jaxpr(lambda a, b: ifjax.pairwise_distance(a, b, p=p))(x2, y2))
     assert sorted(re.findall(r"length=(\d+)", jaxpr)) == ["2", "2", "2", "4"], jaxpr  # 2 blocks of 2 steps, 4 x 2 tiles
@@ -564,6 +564,7 @@ def test_pairwise_distance_matches_naive_cdist(p, monkeypatch):
   finally:
     monkeypatch.undo()
     ifjax._transport._pairwise_tiled.clear_cache()
+    ifjax._transport._tile_kernel.clear_cache()
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, np.inf])

@@ -1,7 +1,8 @@
 """Compilation counts and the traced (jit) path of whole-network fusion.
 
-XLA compilations are counted with ``jax.monitoring``: the host path compiles nothing for small groups,
-a repeated call compiles nothing at all, and ``jax.jit(intra_fuse)`` works with the Sinkhorn solver.
+XLA compilations are counted with ``jax.monitoring``: the host path compiles nothing for small groups and one
+kernel (in two shapes) for the costs of large ones, whatever their shapes; a repeated call compiles nothing at
+all, and ``jax.jit(intra_fuse)`` works with the Sinkhorn solver.
 """
 
 import jax
@@ -62,6 +63,23 @@ def test_repeated_calls_compile_nothing(vgg):
     _, again = compiles(lambda: ifjax.intra_fuse(v, spec, 0.5, solver=solver))
     assert again == 0, solver
   _, n = compiles(lambda: ifjax.plan(v, spec, 0.55, solver="sinkhorn", groups=["conv0"]))  # 64 -> 28: bucket 32
+  assert n == 0
+
+
+def test_costs_of_every_shape_share_one_program(vgg):
+  """Large groups' costs (NumPy inputs) are (256 x 256) tiles of one compiled kernel in two chunk shapes, whatever
+  the group's shape: after VGG11-BN at 0.5, a new ratio and the half-width model compile nothing."""
+  from ifjax import _transport
+
+  _, spec, v = vgg
+  _transport._tile_kernel.clear_cache()
+  half, n = compiles(lambda: ifjax.intra_fuse(v, spec, 0.5))
+  assert 1 <= n <= 2
+  _, n = compiles(lambda: ifjax.intra_fuse(v, spec, 0.3))
+  assert n == 0
+  sizes = ifjax.widths(half, spec)
+  assert max(sizes.values()) == 256  # its largest groups still go to the kernel (256 * 128 * 4608 > 2^22)
+  _, n = compiles(lambda: ifjax.intra_fuse(half, spec, 0.5))
   assert n == 0
 
 
