@@ -16,6 +16,9 @@ Writes ``bench.md`` (and ``bench.json``) under ``--out``:
   and the table gives the largest difference between its maps and fused weights and ifjax's.
 * **One group's fusion time** against its width n (64 ... 4096 neurons, d = 512 features) for both
   solvers, with the log-log slope between successive sizes.
+* **The cost matrix alone** on three of ResNet50's group shapes, p = 1 and 2: ifjax's kernels, SciPy's
+  ``cdist``, OTT-JAX's ``PointCloud`` costs and the matmul form of the Euclidean distance, with their
+  speed (n * m * d per second) and their largest difference from a float64 ``cdist``.
 
 Timings depend on the machine and its load; the tables say what they ran on.
 """
@@ -227,8 +230,66 @@ def scaling(sizes: list[int], repeats: int, cap_s: float) -> list[dict]:
   return rows
 
 
+# -- the cost matrix alone ---------------------------------------------------------------------------------
+COST_SHAPES = [(2048, 1024, 4584), (512, 256, 6656), (256, 128, 3328)]  # ResNet50's stream4, layer4_1 and layer3_1
+
+
+def cost_kernels(repeats: int) -> list[dict]:
+  """Each contender's (n, m) cost of L2-normalised random rows against m of them (warm, interleaved): seconds,
+  n * m * d per second, largest difference from SciPy's float64 ``cdist``, largest kept-to-itself distance."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ott.geometry import costs, pointcloud
+  from scipy.spatial.distance import cdist
+
+  from ifjax import _transport
+
+  ott = {p: jax.jit(lambda a, b, fn=fn: pointcloud.PointCloud(a, b, cost_fn=fn).cost_matrix)
+         for p, fn in ((1.0, costs.PNormP(1.0)), (2.0, costs.Euclidean()))}
+  ott_sq = jax.jit(lambda a, b: jnp.sqrt(jnp.maximum(pointcloud.PointCloud(a, b, cost_fn=costs.SqEuclidean())
+                                                     .cost_matrix, 0.0)))
+  matmul = jax.jit(lambda a, b: jnp.sqrt(jnp.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
+                                                     - 2.0 * jnp.dot(a, b.T, precision="highest"), 0.0)))
+  rows = []
+  for n, m, d in COST_SHAPES:
+    rng = np.random.default_rng(0)
+    x = np.asarray(_transport.normalize_rows(rng.normal(size=(n, d)).astype(np.float32)))
+    keep = np.sort(rng.choice(n, m, replace=False)).astype(np.int32)
+    y, jx = x[keep], jnp.asarray(x)
+    jy = jx[keep]
+    contenders = {
+        (1.0, "ifjax, NumPy input (one program, 256 x 256 tiles)"): lambda: _transport.host_distance(x, y, 1.0),
+        (1.0, "ifjax kept_distance (kept block once)"): lambda: _transport.kept_distance(x, keep, 1.0),
+        (1.0, "ifjax, jax input (jit-able, one program per shape)"): lambda: _transport._pairwise_tiled(jx, jy, p=1.0),
+        (1.0, "SciPy cdist (float64)"): lambda: cdist(x, y, "cityblock"),
+        (1.0, "OTT PointCloud, PNormP(1)"): lambda: ott[1.0](jx, jy),
+        (2.0, "ifjax, NumPy input (BLAS matmul form, near pairs redone)"): lambda: _transport.host_distance(x, y, 2.0),
+        (2.0, "ifjax, jax input (differences, jit-able)"): lambda: _transport._pairwise_tiled(jx, jy, p=2.0),
+        (2.0, "matmul form, XLA, unrepaired"): lambda: matmul(jx, jy),
+        (2.0, "OTT PointCloud, Euclidean"): lambda: ott[2.0](jx, jy),
+        (2.0, "OTT PointCloud, sqrt(SqEuclidean)"): lambda: ott_sq(jx, jy),
+        (2.0, "SciPy cdist (float64)"): lambda: cdist(x, y, "euclidean"),
+    }
+    exact = {1.0: cdist(x.astype(np.float64), y.astype(np.float64), "cityblock"),
+             2.0: cdist(x.astype(np.float64), y.astype(np.float64), "euclidean")}
+    out = {k: np.asarray(f(), np.float64) for k, f in contenders.items()}  # compiles
+    times = {k: [] for k in contenders}
+    for _ in range(repeats):
+      for k, f in contenders.items():
+        t = time.perf_counter()
+        np.asarray(f())
+        times[k].append(time.perf_counter() - t)
+    for (p, who), o in out.items():
+      rows.append(dict(n=n, m=m, d=d, p=p, contender=who, seconds=min(times[p, who]),
+                       rate=n * m * d / min(times[p, who]) / 1e9, error=float(np.abs(o - exact[p]).max()),
+                       self_distance=float(np.abs(o[keep, np.arange(m)]).max())))
+    print("costs", n, m, d, flush=True)
+  return rows
+
+
 # -- report ----------------------------------------------------------------------------------------------
-def report(meta: dict, colds: dict, warms: dict, scale: list[dict]) -> str:
+def report(meta: dict, colds: dict, warms: dict, scale: list[dict], kernels: list[dict]) -> str:
   import math
 
   lines = [f"Machine: {meta['machine']}; jax {meta['jax']}, POT {meta['pot']}, NumPy {meta['numpy']}. "
@@ -274,6 +335,15 @@ def report(meta: dict, colds: dict, warms: dict, scale: list[dict]) -> str:
       lines.append(f"| {r['n']} | " + " | ".join(cells) + " |")
       prev = r
     lines.append("")
+  if kernels:
+    lines += ["**The cost matrix alone** (L2-normalised random rows, n against m of them, d features; warm, min of "
+              "the repeats; rate = n * m * d / time; error = largest difference from SciPy's float64 `cdist`; "
+              "self = largest distance of a kept row to itself):", "",
+              "| n x m x d | p | contender | seconds | G/s | error | self |", "|---|---|---|---|---|---|---|"]
+    for r in kernels:
+      lines.append(f"| {r['n']} x {r['m']} x {r['d']} | {r['p']:g} | {r['contender']} | {r['seconds']:.4f} | "
+                   f"{r['rate']:.1f} | {r['error']:.1e} | {r['self_distance']:.1e} |")
+    lines.append("")
   return "\n".join(lines)
 
 
@@ -283,6 +353,7 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--no-cold", action="store_true")
   ap.add_argument("--no-scaling", action="store_true")
+  ap.add_argument("--no-costs", action="store_true", help="skip the cost-matrix contenders")
   ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
   ap.add_argument("--cap", type=float, default=30.0, help="seconds: a solver stops growing n after a slower point")
   ap.add_argument("--out", type=pathlib.Path, required=True)
@@ -304,11 +375,12 @@ def main(argv=None):
     warms[name] = warm(name, args.repeats)
     print(name, "warm", warms[name], flush=True)
   scale = [] if args.no_scaling else scaling(args.sizes, max(1, min(args.repeats, 3)), args.cap)
-  text = report(meta, colds, warms, scale)
+  kernels = [] if args.no_costs else cost_kernels(args.repeats)
+  text = report(meta, colds, warms, scale, kernels)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "bench.md").write_text(text)
   (args.out / "bench.json").write_text(json.dumps(dict(meta=meta, cold={f"{k[0]}/{k[1]}": v for k, v in colds.items()},
-                                                       warm=warms, scaling=scale), indent=1))
+                                                       warm=warms, scaling=scale, costs=kernels), indent=1))
   print(text)
 
 

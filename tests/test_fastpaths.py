@@ -26,7 +26,7 @@ def _small_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel, p", [(False, p) for p in (1.0, 2.0, 3.0, 0.5, np.inf)]
-                         + [(True, p) for p in (1.0, 3.0, np.inf)])  # the kernel compiles per p
+                         + [(True, p) for p in (1.0, 2.0, 3.0, np.inf)])  # the kernel compiles per p; p = 2: matmul
 def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
   if kernel:  # every NumPy input to the compiled tiles
     _small_tiles(monkeypatch)
@@ -45,12 +45,34 @@ def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
       np.testing.assert_array_equal(got, want, err_msg=f"n={n} m={m} d={d}")
       assert np.all(got[keep, np.arange(m)] == 0)  # a kept neuron is 0 from itself
       np.testing.assert_array_equal(got[keep], got[keep].T)  # the kept block is symmetric
-      if kernel:  # the jit-able kernel of jax inputs sums in the same order; the root (p = 3) is XLA's pow, not NumPy's
+      if kernel:  # the jit-able kernel of jax inputs sums in the same order; the root (p = 3) is XLA's pow, not
+        # NumPy's; p = 2 on the host is the matmul form
         traced = np.asarray(ifjax.pairwise_distance(jnp.asarray(x), jnp.asarray(x[keep]), p=p))
-        np.testing.assert_allclose(traced, want, rtol=0 if p in (1.0, np.inf) else 3e-7, atol=0)
+        np.testing.assert_allclose(traced, want, rtol={1.0: 0, np.inf: 0, 3.0: 3e-7, 2.0: 2e-6}[p], atol=0)
   finally:
     monkeypatch.undo()
     _transport._pairwise_tiled.clear_cache()
+
+
+def test_euclidean_matmul_form_recomputes_near_pairs():
+  """The matmul form ||x||^2 + ||y||^2 - 2 x.y loses the small distances to rounding (about 1e-4 at 1e-3 apart in
+  float32); those pairs are recomputed from differences: duplicates are exactly 0 apart, a pair 1e-3 apart is
+  right to float32 rounding, and every distance is within 2e-6 of float64 differences."""
+  from scipy.spatial.distance import cdist
+
+  rng = np.random.default_rng(4)
+  x = _normalized(rng, 40, 300)
+  x[1] = _normalized(np.random.default_rng(5), 1, 300)[0] * 1e-3 + x[0]
+  x[1] /= np.linalg.norm(x[1])
+  x[2] = x[0]
+  got = _transport._euclidean_matmul(x, x[:10])
+  want = cdist(x.astype(np.float64), x[:10].astype(np.float64))
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  assert got[0, 0] == got[2, 0] == got[0, 2] == 0
+  assert 5e-4 < want[1, 0] < 2e-3 and abs(got[1, 0] - want[1, 0]) <= 1e-7 * want[1, 0]
+  sq = np.einsum("ij,ij->i", x, x)
+  raw = np.sqrt(max(sq[1] + sq[0] - np.float32(2) * (x[1:2] @ x[0:1].T)[0, 0], 0))  # the unrepaired form
+  assert abs(raw - want[1, 0]) > 2e-6
 
 
 def test_kept_distance_kernel_computes_only_upper_tile_pairs(monkeypatch):
