@@ -139,8 +139,9 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
   Returns:
     ``{group name: GroupPlan}`` in network order.
 
-  Concrete inputs run on the host in NumPy (and POT), apart from large cost matrices, which use one
-  compiled kernel per shape, so a first call compiles next to nothing. Inside ``jax.jit`` (the spec,
+  Concrete inputs run on the host in NumPy (and POT), apart from large cost matrices, which are tiles of
+  one compiled kernel shared by every shape (p = 2: a BLAS matmul), so a first call compiles at most two
+  programs and the next model none. Inside ``jax.jit`` (the spec,
   ratio and options static) everything is ``jax.numpy`` and ``solver="sinkhorn"`` is required; the
   checks that need concrete values and the Sinkhorn ``fallback`` are then skipped (read ``converged``
   and ``marginal_error`` off the plan).

@@ -17,8 +17,8 @@ import numpy as np
 
 from ifjax._spec import array_module
 
-# n * m * d at or below which the cost is computed with NumPy on the host (no XLA compilation); above it,
-# one compiled tiled kernel per shape.
+# n * m * d at or below which the cost is computed by SciPy on the host (no XLA compilation); above it, by
+# compiled tiles (p = 2: a BLAS matmul).
 _HOST_COST_ELEMENTS = 1 << 22
 # The compiled p-norm cost: rows of x and of y per (square) tile; features per step (one elementwise loop over the
 # tile, summed as a pairwise tree) and steps per block (summed in order, then added to the total): 256 features a
