@@ -111,8 +111,9 @@ def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | Pen
   """(n, d) NumPy rows, (m,) distinct kept row indices -> (n, m) ``host_distance(x, x[keep], p)``, bit for bit
   (a :class:`PendingCost` for large inputs). The (m, m) block among the kept rows is symmetric and computed
   once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host, upper-triangle
-  tile pairs in the compiled kernel (not for p = 2, whose large costs are one matmul). Every entry is summed in
-  the order :func:`pairwise_distance` sums it. ``p`` checked by the caller."""
+  tile pairs in the compiled kernel from two column tiles (more than ``_TILE`` kept rows; not for p = 2, whose
+  large costs are one matmul). Every entry is summed in the order :func:`pairwise_distance` sums it. ``p``
+  checked by the caller."""
   x = np.asarray(x, np.float32)
   n, d = x.shape
   y = x[keep]
@@ -120,8 +121,8 @@ def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | Pen
   mask = np.ones(n, bool)
   mask[keep] = False
   drop = np.flatnonzero(mask)
-  if n * m * d > _HOST_COST_ELEMENTS and p == 2:
-    return _euclidean_matmul(x, y)
+  if n * m * d > _HOST_COST_ELEMENTS and (p == 2 or m <= _TILE):  # one column tile: no symmetric block to share
+    return host_distance(x, y, p)
   if n * m * d > _HOST_COST_ELEMENTS:
     rows, cols, dropped = _host_tiles(y, False), _host_tiles(y, True), _host_tiles(x[drop], False)
     tiles = {(i, j): _tile_sums(rows[i], cols[j], p) for i in range(len(rows)) for j in range(i, len(cols))}
