@@ -228,7 +228,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
   early, pending = {}, []  # exact: groups solved inside the loop; (name, bytes) of costs still being computed
   for name in fused:
     g, n, m, scores, keep = prepared[name]
-    x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias))
+    x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias), in_place=not traced)  # a new array
     uses_scores = source_mass == "importance" or target_mass == "importance"
     if uses_scores and not traced and np.any(scores < 0):
       raise ValueError(f"group {name!r}: importance masses need non-negative scores")
@@ -236,7 +236,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       raise ValueError(f"group {name!r}: importance masses sum to zero (scores must have a positive sum)")
     a = scores / xp.sum(scores) if source_mass == "importance" else xp.full((n,), 1.0 / n, xp.float32)
     if target == "most_important":
-      y = x[keep]
+      y = x[keep] if traced else None  # the host's kept_distance takes x and keep
       b = scores[keep] if target_mass == "importance" else xp.ones((m,), xp.float32)
     else:
       key = jax.random.fold_in(jax.random.key(seed), position[name])
@@ -259,6 +259,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       while len(pending) > 1 and sum(nbytes for _, nbytes in pending) > _INFLIGHT_BYTES:
         first = pending.pop(0)[0]  # solve the oldest now: its inputs are freed before more are queued
         early[first], problems[first] = _transport.solve_exact(*problems[first]), None
+    x = y = cost = None  # not held while the next group's vectors are built
 
   names = list(problems)
   if solver == "exact" or not names:

@@ -69,11 +69,13 @@ def check_sinkhorn(epsilon, threshold, max_iterations) -> None:
     raise ValueError(f"Sinkhorn max_iterations must be a positive int, got {max_iterations!r}")
 
 
-def normalize_rows(x: jax.Array) -> jax.Array:
-  """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN). NumPy in, NumPy out."""
+def normalize_rows(x: jax.Array, *, in_place: bool = False) -> jax.Array:
+  """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN). NumPy in, NumPy out;
+  ``in_place`` overwrites a NumPy ``x`` (the same values, no second (n, d) array)."""
   xp = array_module(x)
   norm = xp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / xp.where(norm > 0, norm, xp.asarray(1.0, x.dtype))
+  norm = xp.where(norm > 0, norm, xp.asarray(1.0, x.dtype))
+  return np.divide(x, norm, out=x) if in_place and xp is np else x / norm
 
 
 def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
