@@ -120,19 +120,18 @@ def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | Pen
   n, d = x.shape
   y = x[keep]
   m = y.shape[0]
+  large = n * m * d > _HOST_COST_ELEMENTS
+  if (large and (p == 2 or m <= _TILE)) or (not large and m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS):
+    return host_distance(x, y, p)  # one matmul, one column tile or a small block: nothing worth sharing
   mask = np.ones(n, bool)
   mask[keep] = False
   drop = np.flatnonzero(mask)
-  if n * m * d > _HOST_COST_ELEMENTS and (p == 2 or m <= _TILE):  # one matmul, or one column tile: nothing to share
-    return host_distance(x, y, p)
-  if n * m * d > _HOST_COST_ELEMENTS:
+  if large:
     rows, cols, dropped = _host_tiles(y, False), _host_tiles(y, True), _host_tiles(x[drop], False)
     tiles = {(i, j): _tile_sums(rows[i], cols[j], p) for i in range(len(rows)) for j in range(i, len(cols))}
     tiles.update({(-1 - i, j): _tile_sums(dropped[i], cols[j], p) for i in range(len(dropped))
                   for j in range(len(cols))})
     return PendingCost(tiles, (n, m), float(p), (np.asarray(keep), drop))
-  if m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS:
-    return _pairwise_host(x, y, float(p))
   from scipy.spatial.distance import pdist, squareform
 
   out = np.empty((n, m), np.float32)
