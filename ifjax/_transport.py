@@ -110,19 +110,26 @@ def host_distance(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray | Pendin
 
 
 def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | PendingCost:
-  """(n, d) NumPy rows, (m,) distinct kept row indices -> (n, m) ``host_distance(x, x[keep], p)``, bit for bit
-  (a :class:`PendingCost` for large inputs). The (m, m) block among the kept rows is symmetric and computed
-  once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host, upper-triangle
-  tile pairs in the compiled kernel from two column tiles (more than ``_TILE`` kept rows; not for p = 2, whose
-  large costs are one matmul). Every entry is summed in the order :func:`pairwise_distance` sums it. ``p``
-  checked by the caller."""
+  """(n, d) NumPy rows, (m,) distinct kept row indices -> (n, m) ``host_distance(x, x[keep], p)``
+  (a :class:`PendingCost` for large inputs). The (m, m) block among the kept rows is symmetric by construction,
+  and computed once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host,
+  upper-triangle tile pairs in the compiled kernel from two column tiles (more than ``_TILE`` kept rows).
+  Every entry is summed in the order :func:`pairwise_distance` sums it, so the two agree bit for bit, except
+  for large costs at p = 2: those are one BLAS matmul, whose rounding depends on the CPU's kernels, and whose
+  kept block is mirrored from its upper triangle (within ~1 ulp of ``host_distance``). ``p`` checked by the
+  caller."""
   x = np.asarray(x, np.float32)
   n, d = x.shape
   y = x[keep]
   m = y.shape[0]
   large = n * m * d > _HOST_COST_ELEMENTS
-  if (large and (p == 2 or m <= _TILE)) or (not large and m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS):
-    return host_distance(x, y, p)  # one matmul, one column tile or a small block: nothing worth sharing
+  if large and p == 2:  # one matmul; BLAS may round (i, j) and (j, i) differently: keep the upper triangle
+    out = _euclidean_matmul(x, y)
+    block = out[keep]
+    out[keep] = np.triu(block) + np.triu(block, 1).T
+    return out
+  if (large and m <= _TILE) or (not large and m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS):
+    return host_distance(x, y, p)  # one column tile or a small block: nothing worth sharing
   mask = np.ones(n, bool)
   mask[keep] = False
   drop = np.flatnonzero(mask)

@@ -27,7 +27,8 @@ def _small_tiles(monkeypatch):
 
 @pytest.mark.parametrize("kernel, p", [(False, p) for p in (1.0, 2.0, 3.0, 0.5, np.inf)]
                          + [(True, p) for p in (1.0, 2.0, 3.0, np.inf)])  # the kernel compiles per p; p = 2: matmul
-def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
+def test_kept_distance_is_pairwise_distance(p, kernel, monkeypatch):
+  """Bit for bit, but for the BLAS matmul of large p = 2 costs; the kept block is symmetric in every case."""
   if kernel:  # every NumPy input to the compiled tiles
     _small_tiles(monkeypatch)
     monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
@@ -42,7 +43,10 @@ def test_kept_distance_is_pairwise_distance_bit_for_bit(p, kernel, monkeypatch):
       got = np.asarray(_transport.kept_distance(x, keep, p))
       want = ifjax.pairwise_distance(x, x[keep], p=p)
       assert got.dtype == np.float32 and got.shape == (n, m)
-      np.testing.assert_array_equal(got, want, err_msg=f"n={n} m={m} d={d}")
+      if kernel and p == 2:  # one BLAS matmul: its rounding depends on the CPU's kernels, no bits are promised
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=f"n={n} m={m} d={d}")
+      else:
+        np.testing.assert_array_equal(got, want, err_msg=f"n={n} m={m} d={d}")
       assert np.all(got[keep, np.arange(m)] == 0)  # a kept neuron is 0 from itself
       np.testing.assert_array_equal(got[keep], got[keep].T)  # the kept block is symmetric
       if kernel:  # the jit-able kernel of jax inputs sums in the same order; the root (p = 3) is XLA's pow, not
