@@ -115,3 +115,23 @@ def test_resnet20_grid_cells_are_pinned():
     fused = ifjax.apply_plan(v, spec, pl, keep_shapes=True)  # one compiled model for every cell
     hits = sum(int((np.asarray(predict(fused, xb)) == yb).sum()) for xb, yb in data.batches(x, y, 1000))
     assert abs(100.0 * hits / len(y) - expected) < 0.01, (group, s, options)
+
+
+def test_shipped_digits_cnn_prints_the_readme_table():
+  """The main job's weights ship with ifjax, so its table depends on no training run: the dense model and the
+  README's "all groups at 0.3" row, as counts of the 450 held-out digits (argmaxes, the same under XLA's AVX2
+  and SSE4.2 caps and OpenBLAS's Haswell kernels)."""
+  import digits  # experiments/ is on pytest's pythonpath (pyproject.toml)
+
+  module, spec, variables = ifjax.models.pretrained("digits_cnn")
+  assert ifjax.models.checkpoint_path("digits_cnn").is_file()
+  _, x, _, y = digits.load_digits(0)
+
+  def correct(v):
+    small, _ = ifjax.models.get("digits_cnn", widths=ifjax.widths(v, spec))
+    return int(np.sum(np.argmax(small.apply(v, x, train=False), -1) == y))
+
+  assert correct(variables) == 449
+  assert correct(ifjax.prune(variables, spec, 0.3)) == 177  # 39.33%
+  assert correct(ifjax.intra_fuse(variables, spec, 0.3)) == 413  # 91.78%
+  assert correct(ifjax.intra_fuse(variables, spec, 0.3, normalization="barycentric")) == 336  # 74.67%

