@@ -277,7 +277,7 @@ class _Data:
   def __init__(self, data: TrainData, batch_size: int, seed: int, what: str = "train_data"):
     if not isinstance(batch_size, int) or batch_size < 1:
       raise TrainingError(f"batch_size must be a positive int, got {batch_size!r}")
-    self.batch_size, self.seed, self.fn = batch_size, seed, None
+    self.batch_size, self.seed, self.fn, self.what = batch_size, seed, None, what
     if callable(data):  # e.g. ifjax.data.tfds_batches, which knows its steps per epoch
       self.fn, self.steps = data, getattr(data, "steps", None)
       return
@@ -292,6 +292,14 @@ class _Data:
     self.steps = len(self.images) // batch_size
     if self.steps == 0:
       raise TrainingError(f"{what} has {len(self.images)} examples, fewer than one batch of {batch_size}")
+    bad = _first_non_finite(self.images)
+    if bad is not None:
+      raise TrainingError(f"{what}: the images hold NaN or inf (first in example {bad}); every loss would be NaN")
+
+  def check_labels(self, classes: int | None):
+    """Refuses labels outside ``[0, classes)`` (array data, before any training)."""
+    if self.fn is None:
+      _check_labels(self.labels, classes, f"{self.what}: labels")
 
   def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if self.fn is not None:
@@ -303,10 +311,50 @@ class _Data:
       yield self.images[idx], self.labels[idx]
 
 
+def _first_non_finite(images, chunk: int = 4096) -> int | None:
+  """The index of the first example of a float array holding NaN or inf, or None (chunked: no full-size copy)."""
+  images = np.asarray(images) if not hasattr(images, "dtype") else images
+  if not np.issubdtype(images.dtype, np.inexact):
+    return None
+  for i in range(0, len(images), chunk):
+    ok = np.isfinite(np.asarray(images[i:i + chunk])).reshape(len(images[i:i + chunk]), -1).all(axis=1)
+    if not ok.all():
+      return i + int(np.argmin(ok))
+  return None
+
+
+def _check_labels(labels, classes: int | None, what: str):
+  """Integer class labels in ``[0, classes)`` (``classes`` None: only ``>= 0``)."""
+  labels = np.asarray(labels)
+  if labels.size == 0:
+    return
+  if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
+    if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+      raise TrainingError(f"{what} must be integer class indices, got dtype {labels.dtype}")
+  lo, hi = labels.min(), labels.max()
+  if lo < 0 or (classes is not None and hi >= classes):
+    where = int(np.argmax((labels < 0) | ((labels >= classes) if classes is not None else False)))
+    span = f"[0, {classes})" if classes is not None else ">= 0"
+    raise TrainingError(f"{what} must be class indices in {span} (the model has {classes} outputs), got "
+                        f"{labels.reshape(-1)[where]} (labels span {lo} to {hi}); the loss of such a label is NaN")
+
+
+def _num_classes(module, variables, images) -> int | None:
+  """The number of logits ``module`` gives for one example of ``images`` (shapes only), or None if unknown."""
+  try:
+    x = np.asarray(images[:1])
+    out = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables,
+                         jax.ShapeDtypeStruct(x.shape, x.dtype))
+  except Exception:  # noqa: BLE001 (only a probe: the training step reports real errors itself)
+    return None
+  return int(out.shape[-1]) if isinstance(out, jax.ShapeDtypeStruct) and out.ndim >= 1 else None
+
+
 def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: int, optimizer,
         mesh: Mesh | None = None, eval_data=None, checkpoint_dir=None, progress: bool = True, batch_size: int = 128,
         seed: int = 0, augment: Augment | None = None, data_axis: str = "data", desc: str = "train",
-        checkpoint_every: int = 1, time_limit: float | None = None) -> tuple[dict, list[dict]]:
+        checkpoint_every: int = 1, time_limit: float | None = None,
+        allow_optimizer_change: bool = False) -> tuple[dict, list[dict]]:
   """Trains ``module`` from ``variables`` for ``epochs`` epochs; returns ``(variables, history)``.
 
   Args:
@@ -320,7 +368,12 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
     eval_data: evaluated after every epoch (``eval_accuracy`` in the history).
     checkpoint_dir: every ``checkpoint_every`` epochs, after the last one and when stopping early, the
       state, history and epoch are saved there (orbax); a new call with the same directory resumes after
-      the last saved epoch and gives the same result as an uninterrupted run.
+      the last saved epoch and gives the same result as an uninterrupted run. A resume refuses (``TrainingError``)
+      other ``batch_size`` / ``seed`` settings, an optimizer whose updates differ (another optimizer, learning
+      rate or schedule, compared on a probe gradient at a range of step counts) and ``epochs`` below the saved
+      epoch. The path must not contain ``[``, ``]`` or a backslash (orbax would save no arrays).
+    allow_optimizer_change: resume from a checkpoint written with another optimizer or learning rate on purpose
+      (the saved optimizer state must still fit the new optimizer).
     time_limit: seconds; the first epoch that ends later than this after the call began is the last one
       run (so a job fits a wall-clock allowance; with ``checkpoint_dir`` a later call continues).
     progress: a tqdm bar with the running loss and accuracy.
@@ -329,8 +382,14 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
   Returns:
     The trained variables and one dict per epoch: ``epoch``, ``loss``, ``accuracy`` (train, running
     mean over the epoch), ``eval_accuracy`` (if ``eval_data``), ``seconds``.
+
+  Images holding NaN or inf and labels outside ``[0, number of outputs)`` are refused before training
+  (``TrainingError``; batch callables: labels when their batch comes); a loss that becomes NaN or inf stops
+  the run with ``FloatingPointError`` naming the epoch and step, before that epoch is checkpointed.
   """
   data = _Data(train_data, batch_size, seed)
+  classes = _num_classes(module, variables, data.images) if data.fn is None else None
+  data.check_labels(classes)
   optimizer = _optimizer(optimizer, data.steps)
   state = init_state(module, variables, optimizer)
   step = make_step(module, optimizer, mesh, data_axis, augment=augment, donate=True)
@@ -338,7 +397,9 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
   evaluate_fn = None if eval_data is None else (
       lambda st: evaluate(module, state_variables(st), eval_data, mesh, data_axis=data_axis))
   state, history = _loop(step, state, [data], epochs, sh, seed, checkpoint_dir, progress, desc, evaluate_fn, False,
-                         checkpoint_every, time_limit)
+                         checkpoint_every, time_limit, _probe(optimizer) if checkpoint_dir is not None else None,
+                         allow_optimizer_change,
+                         _classes_fn(module, variables, classes))
   return state_variables(jax.device_get(state)), history
 
 
@@ -346,7 +407,7 @@ def fit_many(module, variables: Sequence[Mapping[str, Any]], train_data: Sequenc
              optimizer, mesh: Mesh | None = None, eval_data=None, checkpoint_dir=None, progress: bool = True,
              batch_size: int = 128, seed: int = 0, augment: Augment | None = None, data_axis: str = "data",
              model_axis: str = "models", desc: str = "train", checkpoint_every: int = 1,
-             time_limit: float | None = None) -> tuple[list[dict], list[dict]]:
+             time_limit: float | None = None, allow_optimizer_change: bool = False) -> tuple[list[dict], list[dict]]:
   """k models trained side by side, model i on ``train_data[i]``, as one program with a model axis
   (see :func:`make_step`); the arguments are those of :func:`fit`. Returns ``([variables_i], history)``;
   history entries hold per-model lists. Every model takes the same number of steps per epoch (the
@@ -355,6 +416,10 @@ def fit_many(module, variables: Sequence[Mapping[str, Any]], train_data: Sequenc
     raise TrainingError(f"fit_many needs one training set per model, got {len(variables)} models and "
                         f"{len(train_data)} training sets")
   datas = [_Data(d, batch_size, seed + i, f"train_data[{i}]") for i, d in enumerate(train_data)]
+  arrays = [d for d in datas if d.fn is None]
+  classes = _num_classes(module, variables[0], arrays[0].images) if arrays else None
+  for d in datas:
+    d.check_labels(classes)
   steps = [d.steps for d in datas if d.steps is not None]
   optimizer = _optimizer(optimizer, min(steps) if steps else None)
   state = stack([init_state(module, v, optimizer) for v in variables])
@@ -365,7 +430,9 @@ def fit_many(module, variables: Sequence[Mapping[str, Any]], train_data: Sequenc
     return [evaluate(module, state_variables(s), eval_data) for s in unstack(jax.device_get(st))]
 
   state, history = _loop(step, state, datas, epochs, sh, seed, checkpoint_dir, progress, desc,
-                         None if eval_data is None else evaluate_all, True, checkpoint_every, time_limit)
+                         None if eval_data is None else evaluate_all, True, checkpoint_every, time_limit,
+                         _probe(optimizer) if checkpoint_dir is not None else None,
+                         allow_optimizer_change, _classes_fn(module, variables[0], classes))
   return [state_variables(s) for s in unstack(jax.device_get(state))], history
 
 
@@ -381,9 +448,50 @@ def _optimizer(optimizer, steps_per_epoch: int | None) -> optax.GradientTransfor
                       f"got {type(optimizer).__name__}")
 
 
+_PROBE_STEPS = (0, 1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000, 100_000, 1_000_000)
+
+
+def _probe(optimizer: optax.GradientTransformation) -> list[float] | None:
+  """What ``optimizer`` does, as numbers a checkpoint can keep: its updates of a small fixed parameter vector
+  for a fixed gradient, from its fresh state with every integer state leaf (step counts of schedules) set to
+  each of ``_PROBE_STEPS``, and two successive updates from the fresh state (momentum, moments). None if the
+  optimizer cannot be probed this way (it then goes unchecked)."""
+  params = {"w": jnp.asarray([1.0, -2.0, 0.5, 0.0], jnp.float32)}
+  grads = {"w": jnp.asarray([0.3, -0.1, 0.7, 0.0], jnp.float32)}
+
+  def at(state, n):
+    return jax.tree_util.tree_map(
+        lambda x: jnp.full_like(x, n) if jnp.issubdtype(jnp.result_type(x), jnp.integer) else x, state)
+
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      fresh, out = optimizer.init(params), []
+      for n in _PROBE_STEPS:
+        out.append(optimizer.update(grads, at(fresh, n), params)[0]["w"])
+      first, state = optimizer.update(grads, fresh, params)
+      out.append(optimizer.update(grads, state, optax.apply_updates(params, first))[0]["w"])
+      return [float(v) for v in np.concatenate([np.asarray(u, np.float64).reshape(-1) for u in out])]
+  except Exception:  # noqa: BLE001 (an optimizer whose update needs more than (grads, state, params))
+    return None
+
+
+def _classes_fn(module, variables, known: int | None) -> Callable[[np.ndarray], int | None]:
+  """``images -> number of outputs``, computed once (``known`` if already known from array data)."""
+  memo = [] if known is None else [known]
+
+  def classes(images):
+    if not memo:
+      memo.append(_num_classes(module, variables, images))
+    return memo[0]
+
+  return classes
+
+
 def _loop(step, state: TrainState, datas: list[_Data], epochs: int, sh, seed: int, checkpoint_dir, progress: bool,
-          desc: str, evaluate_fn, many: bool, checkpoint_every: int = 1,
-          time_limit: float | None = None) -> tuple[TrainState, list[dict]]:
+          desc: str, evaluate_fn, many: bool, checkpoint_every: int = 1, time_limit: float | None = None,
+          probe: list[float] | None = None, allow_optimizer_change: bool = False,
+          classes: Callable[[np.ndarray], int | None] | None = None) -> tuple[TrainState, list[dict]]:
   """The epoch loop shared by :func:`fit` and :func:`fit_many` (``many``: one data set per model, batches
   stacked on a leading model axis)."""
   started = time.perf_counter()
@@ -396,18 +504,25 @@ def _loop(step, state: TrainState, datas: list[_Data], epochs: int, sh, seed: in
   fingerprint = {"batch_size": datas[0].batch_size, "seed": seed, "models": len(datas)}
   history, start = [], 0
   if checkpoint_dir is not None:
-    state, history, start = _resume(checkpoint_dir, state, fingerprint)
+    from ifjax import _save
+    _save.check_path(checkpoint_dir, "checkpoint_dir")  # before any training: a bad path would lose every epoch
+    state, history, start = _resume(checkpoint_dir, state, fingerprint, probe, allow_optimizer_change, epochs)
   state = shard(jax.tree_util.tree_map(jnp.array, state), None if sh is None else sh[0])  # a copy: steps donate it
   show = progress and jax.process_index() == 0
   for epoch in range(start, epochs):
     t0 = time.perf_counter()
     bar = _bar(show, datas[0].steps, f"{desc} epoch {epoch + 1}/{epochs}")
-    sums, count = None, 0
+    sums, count, losses = None, 0, []
     epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
     for i, batches in enumerate(zip(*[d.epoch(epoch) for d in datas])):
       images, labels = (np.stack(xs) for xs in zip(*batches)) if many else batches[0]
+      if datas[0].fn is not None:  # batch callables: labels checked as they come (arrays were checked up front)
+        first = np.asarray(images)[0] if many else np.asarray(images)
+        _check_labels(labels, classes(first) if classes is not None else None,
+                      f"epoch {epoch + 1}, step {i + 1}: the batch's labels")
       images, labels = shard((np.asarray(images), np.asarray(labels, np.int32)), None if sh is None else sh[1])
       state, metrics = step(state, images, labels, jax.random.fold_in(epoch_key, i))
+      losses.append(metrics["loss"])
       sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
       count += 1
       if bar is not None and (i % 10 == 0):
@@ -417,22 +532,36 @@ def _loop(step, state: TrainState, datas: list[_Data], epochs: int, sh, seed: in
     if count == 0:
       raise TrainingError(f"epoch {epoch}: the training data yielded no batch")
     means = {k: np.asarray(v) / count for k, v in jax.device_get(sums).items()}
-    entry = {"epoch": epoch + 1, **{k: v.tolist() for k, v in means.items()}}
     if bar is not None:
       bar.set_postfix({k: _fmt(v) for k, v in means.items()})
       bar.close()
+    if not np.all(np.isfinite(means["loss"])):
+      _non_finite_loss(losses, epoch, desc)
+    entry = {"epoch": epoch + 1, **{k: v.tolist() for k, v in means.items()}}
     if evaluate_fn is not None:
       entry["eval_accuracy"] = evaluate_fn(state)
     entry["seconds"] = time.perf_counter() - t0
     history.append(entry)
     out_of_time = time_limit is not None and time.perf_counter() - started > time_limit
     if checkpoint_dir is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs or out_of_time):
-      _checkpoint(checkpoint_dir, state, history, epoch + 1, fingerprint)
+      _checkpoint(checkpoint_dir, state, history, epoch + 1, fingerprint, probe)
     if out_of_time and epoch + 1 < epochs:
       warnings.warn(f"{desc}: time_limit of {time_limit:.0f} s reached after epoch {epoch + 1} of {epochs}; stopping",
                     stacklevel=3)
       break
   return state, history
+
+
+def _non_finite_loss(losses: list, epoch: int, desc: str):
+  """Raises FloatingPointError naming the first step of ``epoch`` whose loss was NaN or inf."""
+  values = np.asarray(jax.device_get(losses), np.float64).reshape(len(losses), -1)
+  bad = ~np.isfinite(values)
+  i = int(np.argmax(bad.any(axis=1)))
+  which = "" if values.shape[1] == 1 else f" (model {int(np.argmax(bad[i]))})"
+  raise FloatingPointError(
+      f"{desc}: the training loss became {values[i][bad[i]][0]} at epoch {epoch + 1}, step {i + 1}{which}; "
+      "stopping (this epoch is not checkpointed). Likely causes: NaN or inf in the inputs, labels outside the "
+      "model's classes, or a learning rate that diverges")
 
 
 def _fmt(v) -> str:
@@ -447,19 +576,42 @@ def _bar(show: bool, total: int | None, desc: str):
   return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _checkpoint(directory, state: TrainState, history: list[dict], epoch: int, fingerprint: dict):
+def _checkpoint(directory, state: TrainState, history: list[dict], epoch: int, fingerprint: dict,
+                probe: list[float] | None = None):
   from ifjax import _save
   _save.write_tree(Path(directory) / f"epoch_{epoch}", jax.device_get(state),
-                   {"epoch": epoch, "history": history, "fingerprint": fingerprint})
+                   {"epoch": epoch, "history": history, "fingerprint": fingerprint, "optimizer": probe})
 
 
-def _resume(directory, state: TrainState, fingerprint: dict) -> tuple[TrainState, list[dict], int]:
+def _resume(directory, state: TrainState, fingerprint: dict, probe: list[float] | None = None,
+            allow_optimizer_change: bool = False, epochs: int | None = None) -> tuple[TrainState, list[dict], int]:
   from ifjax import _save
   path = _save.latest(directory, "epoch")
   if path is None:
     return state, [], 0
-  restored, meta = _save.read_tree(path, state)  # rebuilt into the TrainState structure
+  meta = _save._read_manifest(path)["meta"]  # checked before the arrays are read
   if meta.get("fingerprint") != fingerprint:
     raise TrainingError(f"{path}: this checkpoint was written with {meta.get('fingerprint')}, but the run asks for "
                         f"{fingerprint}; use another checkpoint_dir or the same settings")
-  return restored, list(meta["history"]), int(meta["epoch"])
+  saved = meta.get("optimizer")  # absent in checkpoints of older versions, None if not probeable
+  if (not allow_optimizer_change and saved is not None and probe is not None
+      and (len(saved) != len(probe) or not np.allclose(saved, probe, rtol=1e-4, atol=1e-12, equal_nan=True))):
+    raise TrainingError(
+        f"checkpoint_dir: {path} was written with another optimizer, learning rate or schedule than this run's "
+        f"(their first update of a probe gradient: {saved[:4]} saved, {probe[:4]} now; they differ at "
+        f"{int(np.sum(~np.isclose(saved, probe, rtol=1e-4, atol=1e-12)))} of {len(probe)} probes); resume with the "
+        "same optimizer, use another checkpoint_dir, or pass allow_optimizer_change=True to continue from the "
+        "saved state with the new optimizer")
+  saved_epoch = int(meta["epoch"])
+  if epochs is not None and epochs < saved_epoch:
+    raise TrainingError(f"epochs={epochs}, but checkpoint_dir already holds epoch {saved_epoch} ({path}): a run of "
+                        f"{epochs} epochs cannot be resumed from there; pass epochs >= {saved_epoch} (epochs="
+                        f"{saved_epoch} returns the saved model) or use another checkpoint_dir")
+  try:
+    restored, meta = _save.read_tree(path, state)  # rebuilt into the TrainState structure
+  except _save.SaveFormatError as e:
+    if not allow_optimizer_change:
+      raise
+    raise TrainingError(f"allow_optimizer_change=True, but the optimizer state saved in {path} does not fit the "
+                        f"new optimizer's: {e}") from e
+  return restored, list(meta["history"]), saved_epoch

@@ -344,3 +344,28 @@ def test_preprocess_without_a_model_checks_layout():
     data.preprocess(None, np.zeros((32, 32, 3), np.uint8))
   with pytest.raises(ValueError, match=r"the model expects float images in \[0, 255\]"):
     data.preprocess(None, np.full((1, 4, 4, 3), 300.0))
+
+
+# == issue 22, item 5 ======================================================================================
+# -- 1. checkpoint paths orbax would read as glob patterns --------------------------------------------------
+@pytest.mark.parametrize("name", ["run[1]", "a]b", "back\\slash", "dir[0]/run"])
+def test_save_refuses_paths_orbax_would_glob(tmp_path, name):
+  from ifjax._save import write_tree
+
+  v, spec = _mlp()
+  with pytest.raises(ifjax.CheckpointError, match=r"save: path=.*orbax reads as a glob pattern.*without '\[', "
+                                                  r"'\]' or '\\'"):
+    ifjax.save(tmp_path / name, v, spec)
+  with pytest.raises(ifjax.CheckpointError, match=r"write_tree: path=.*glob pattern"):
+    write_tree(tmp_path / name, {"w": np.ones(3)}, {})
+  assert list(tmp_path.iterdir()) == []  # nothing half-written
+  with pytest.raises(TypeError, match="path must be a str or os.PathLike path, got int"):
+    write_tree(3, {"w": np.ones(3)}, {})
+
+
+def test_save_under_a_bracketed_working_directory_is_refused(tmp_path, monkeypatch):
+  v, spec = _mlp()
+  (tmp_path / "w[1]").mkdir()
+  monkeypatch.chdir(tmp_path / "w[1]")
+  with pytest.raises(ifjax.CheckpointError, match=r"save: path='m'.*w\[1\]/m.*contains '\[' and '\]'"):
+    ifjax.save("m", v, spec)

@@ -252,3 +252,62 @@ def test_fit_accepts_batch_callables(tiny):
   out, history = train.fit(module, variables, epoch_batches, epochs=2, optimizer=optax.sgd(0.1), progress=False)
   assert len(history) == 2 and np.isfinite(history[-1]["loss"])
   assert ifjax.train.state_variables(train.init_state(module, out, optax.sgd(0.1))).keys() == out.keys()
+
+
+# -- bad inputs (issue 22, item 5) ---------------------------------------------------------------------
+def test_fit_refuses_a_checkpoint_dir_orbax_would_glob(tiny, tmp_path):
+  module, variables = tiny
+  for name in ("runs[1]", "back\\slash"):
+    with pytest.raises(ifjax.CheckpointError, match=r"checkpoint_dir=.*orbax reads as a glob pattern"):
+      train.fit(module, variables, _toy(32), epochs=1, optimizer=optax.sgd(0.1), batch_size=16, progress=False,
+                checkpoint_dir=tmp_path / name)
+  assert list(tmp_path.iterdir()) == []  # refused before anything was trained or written
+
+
+def test_fit_stops_on_nan_inputs_and_refuses_bad_labels(tiny):
+  module, variables = tiny
+  opt = optax.sgd(0.1)
+  images, labels = _toy(32)
+  nan_images = images.copy()
+  nan_images[5, 0, 0, 0] = np.nan
+  with pytest.raises(train.TrainingError, match=r"train_data: the images hold NaN or inf \(first in example 5\)"):
+    train.fit(module, variables, (nan_images, labels), epochs=1, optimizer=opt, batch_size=16, progress=False)
+  # a batch callable cannot be checked up front: the NaN loss stops the run, naming the epoch and step
+  with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 1, step 2"):
+    train.fit(module, variables, lambda e: [(images[:16], labels[:16]), (nan_images[:16], labels[:16])], epochs=1,
+              optimizer=opt, progress=False)
+  bad = labels.copy()
+  bad[3] = 3  # TinyCNN has 3 outputs
+  with pytest.raises(train.TrainingError, match=r"labels must be class indices in \[0, 3\) \(the model has 3 "
+                                                r"outputs\), got 3"):
+    train.fit(module, variables, (images, bad), epochs=1, optimizer=opt, batch_size=16, progress=False)
+  with pytest.raises(train.TrainingError, match=r"epoch 1, step 1: the batch's labels must be class indices in "
+                                                r"\[0, 3\).*got -1"):
+    train.fit(module, variables, lambda e: [(images[:16], labels[:16] - 1)], epochs=1, optimizer=opt, progress=False)
+  with pytest.raises(train.TrainingError, match=r"train_data\[1\]: labels must be class indices in \[0, 3\)"):
+    train.fit_many(module, [variables, variables], [(images, labels), (images, bad)], epochs=1, optimizer=opt,
+                   batch_size=16, progress=False)
+
+
+def test_resume_refuses_another_optimizer_and_fewer_epochs(tiny, tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  module, variables = tiny
+  data = _toy(32)
+  kw = dict(batch_size=16, progress=False, checkpoint_dir=tmp_path)
+  train.fit(module, variables, data, epochs=2, optimizer=optax.sgd(0.1, momentum=0.9), **kw)
+  for other in (optax.sgd(0.05, momentum=0.9), optax.sgd(0.1), optax.adam(0.1),
+                optax.sgd(optax.exponential_decay(0.1, 3, 0.5, staircase=True), momentum=0.9)):
+    with pytest.raises(train.TrainingError, match="written with another optimizer, learning rate or schedule.*"
+                                                  "allow_optimizer_change=True"):
+      train.fit(module, variables, data, epochs=3, optimizer=other, **kw)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_1", "epoch_2"]
+  with pytest.raises(train.TrainingError, match=r"epochs=1, but checkpoint_dir already holds epoch 2 .*epochs >= 2"):
+    train.fit(module, variables, data, epochs=1, optimizer=optax.sgd(0.1, momentum=0.9), **kw)
+  # the same optimizer built again resumes; a finished run returns its model; the override continues with another
+  done, hist = train.fit(module, variables, data, epochs=2, optimizer=optax.sgd(0.1, momentum=0.9), **kw)
+  assert [h["epoch"] for h in hist] == [1, 2]
+  out, hist = train.fit(module, variables, data, epochs=3, optimizer=optax.sgd(0.05, momentum=0.9),
+                        allow_optimizer_change=True, **kw)
+  assert [h["epoch"] for h in hist] == [1, 2, 3]
+  with pytest.raises(train.TrainingError, match="does not fit the new optimizer"):  # adam's state is not sgd's
+    train.fit(module, variables, data, epochs=4, optimizer=optax.adam(0.1), allow_optimizer_change=True, **kw)
