@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextvars
 import io
 import math
 import os
@@ -43,7 +44,9 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _ZIP_MAGIC = b"PK\x03\x04"
 _LIST_LIMIT = 20  # problems listed per kind in a CheckpointMismatchError message
-_MAX_EXPANSION = 2**26  # elements an overlapping (e.g. stride-0) tensor may expand its storage to
+_MAX_EXPANSION = 2**26  # elements all overlapping (e.g. stride-0) tensors of one file may expand their storages to
+# the elements built so far from overlapping tensors of the file being read (None outside read_torch)
+_EXPANDED: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ifjax_checkpoint_expanded", default=None)
 
 
 class CheckpointError(ValueError):
@@ -152,6 +155,13 @@ def _tensor(storage, offset, size, stride, dtype: _TorchType | None = None):
                           f"elements to {count}; overlapping tensors are limited to {_MAX_EXPANSION} elements")
   if data is None:  # first pass over a legacy file: only the layout is checked
     return None
+  expanded = _EXPANDED.get()
+  if count > numel and expanded is not None:  # the cap holds for the whole file, not per tensor
+    expanded[0] += count
+    if expanded[0] > _MAX_EXPANSION:
+      raise CheckpointError(f"tensor of size {size}, stride {stride} expands storage {storage.key!r} of {numel} "
+                            f"elements to {count}, bringing the overlapping tensors of this file to {expanded[0]} "
+                            f"elements; they are limited to {_MAX_EXPANSION} in total")
   view = np.lib.stride_tricks.as_strided(data[offset:], size, [s * data.itemsize for s in stride], writeable=False)
   return np.array(view, order="C")
 
@@ -427,13 +437,15 @@ def read_torch(path: str | os.PathLike) -> Any:
   where = str(path)
   with open(path, "rb") as fh:
     head = fh.read(4)
-  if head == _ZIP_MAGIC:
-    return _read_zip(path, where)
   if not head:
     raise CheckpointError(f"{where}: empty file, not a PyTorch checkpoint")
-  if head[:1] != b"\x80":  # every torch.save pickle starts with a PROTO opcode
+  if head != _ZIP_MAGIC and head[:1] != b"\x80":  # every torch.save pickle starts with a PROTO opcode
     raise CheckpointError(f"{where}: not a PyTorch checkpoint (starts with {head!r}, neither a zip nor a pickle)")
-  return _read_legacy(path.read_bytes(), where)
+  token = _EXPANDED.set([0])
+  try:
+    return _read_zip(path, where) if head == _ZIP_MAGIC else _read_legacy(path.read_bytes(), where)
+  finally:
+    _EXPANDED.reset(token)
 
 
 _NESTED = ("state_dict", "model_state_dict", "model", "net")

@@ -546,3 +546,25 @@ def test_load_into_truncates_long_lists_and_checks_the_mapping():
     load_into(variables, tensors, {"params/w": ("w", "linear")})
   with pytest.raises(ValueError, match="must be \\(torch key, layout\\)"):
     load_into(variables, tensors, {"params/w": "w"})
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_overlapping_tensors_are_capped_for_the_whole_file(tmp_path, legacy, monkeypatch):
+  """Four stride-0 tensors each under the per-tensor cap must not add up past it (a 546-byte file once made
+  read_torch allocate 1 GiB)."""
+  import ifjax._checkpoint as ck
+
+  monkeypatch.setattr(ck, "_MAX_EXPANSION", 1000)
+  data = np.arange(2, dtype=np.float32).tobytes()
+
+  def write(count):
+    payload = dumps({f"t{i}": tensor("FloatStorage", "0", 2, 0, (400,), (0,), legacy=legacy) for i in range(count)})
+    return (write_legacy(tmp_path / f"l{count}.pt", payload, [("0", 2, data)]) if legacy
+            else write_zip(tmp_path / f"z{count}.pt", payload, {"0": data}))
+
+  ok = read_torch(write(2))  # 800 expanded elements: under the cap
+  assert [a.shape for a in ok.values()] == [(400,), (400,)] and (ok["t1"] == 0).all()
+  with pytest.raises(CheckpointError, match=r"bringing the overlapping tensors of this file to 1200 elements; they "
+                                            r"are limited to 1000 in total"):
+    read_torch(write(4))
+  assert len(read_torch(write(2))) == 2  # the count starts afresh for every file
