@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+import math
+
 import jax
 import numpy as np
 from scipy.special import ndtr
 
 from ifjax._fuse import apply_plan, kept_count, plan, relative_ratios
 from ifjax._importance import group_size, member_rows
+from ifjax._scalars import python_scalar
 from ifjax._spec import Spec, Variables, _module_path, flatten, unflatten
 
 
@@ -83,7 +86,13 @@ def bn_sensitivity(variables: Variables, spec: Spec, groups: Any = None) -> dict
       return None
     gamma = np.asarray(flat.get(f"params/{b.bn}/scale", np.ones(n_all)), np.float64)
     beta = np.asarray(flat.get(f"params/{b.bn}/bias", np.zeros(n_all)), np.float64)
-    var = np.asarray(flat[f"batch_stats/{b.bn}/var"], np.float64)
+    path = f"batch_stats/{b.bn}/var"
+    var = np.asarray(flat[path], np.float64)
+    bad = ~np.isfinite(var) | (var < 0)
+    if bad.any():
+      j = int(np.argmax(bad))
+      raise ValueError(f"bn_sensitivity: variables[{path!r}] must hold finite, non-negative BatchNorm running "
+                       f"variances, got {var[j]} at channel {j} ({int(bad.sum())} of {var.size} bad)")
     return gamma, beta, gamma / np.sqrt(var + b.eps)
 
   out = {}
@@ -236,6 +245,14 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   """
   if (target_params is None) == (target_flops is None):
     raise ValueError("allocate needs exactly one of target_params= or target_flops=")
+  what = "target_params" if target_params is not None else "target_flops"
+  given = python_scalar(target_params if target_params is not None else target_flops, "iuf", f"allocate: {what}")
+  if isinstance(given, bool) or not isinstance(given, (int, float)):
+    raise TypeError(f"allocate: {what} must be a number, got {type(given).__name__} {given!r:.80}")
+  if not (math.isfinite(given) and given > 0):
+    raise ValueError(f"allocate: {what} must be a finite number > 0 (a budget, or a fraction of the dense cost if "
+                     f"< 1), got {given!r}")
+  target_params, target_flops = (given, None) if target_params is not None else (None, given)
   if method not in ("uniform", "global", "sensitivity", "measured"):
     raise ValueError(f"method must be 'uniform', 'global', 'sensitivity' or 'measured', got {method!r}")
   if (method == "measured") != (curves is not None):

@@ -28,6 +28,7 @@ import numpy as np
 
 from ifjax import _importance, _transport
 from ifjax._batchnorm import derived_bn, folded_flat
+from ifjax._scalars import ScalarTypeError, python_scalar
 from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, member_rows,
                          on_host, to_jax, unflatten, weight_members)
 
@@ -174,6 +175,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
           max_iterations: int = 10000, fallback: str = "exact", seed: int = 0) -> tuple[Plan, dict]:
   """:func:`plan`, and the BN-folded flat variables it planned on (for :func:`intra_fuse` / :func:`prune`,
   which apply the plan to them without folding and validating a second time)."""
+  ratio = _scalar_ratios(ratio)  # jnp.float32(0.5) is the ratio 0.5
   traced = is_traced(variables)
   if traced and solver == "exact":
     raise ValueError("solver='exact' runs POT on the host and cannot be traced; inside jax.jit use "
@@ -627,7 +629,16 @@ def _check_plan(variables: Variables, spec: Spec, plan: Plan) -> None:
         raise ValueError(f"{where}: keep has indices in [{lo}, {hi}], outside [0, {n})")
 
 
+def _scalar_ratios(ratio: Any) -> Any:
+  """NumPy and concrete JAX 0-d numbers (``jnp.float32(0.5)``, ``np.float64(0.3)``), alone or as the values of a
+  ratio dict, as Python numbers; anything else (bools, strings, lists) unchanged, for the checks to refuse."""
+  if isinstance(ratio, Mapping):
+    return {k: python_scalar(r, "iuf", f"ratio for group {k!r}") for k, r in ratio.items()}
+  return python_scalar(ratio, "iuf", "ratio")
+
+
 def _ratios(spec: Spec, ratio: Ratio, groups: GroupSelection) -> list[tuple[Group, float]]:
+  ratio = _scalar_ratios(ratio)
   selected = spec.select(groups)
   if isinstance(ratio, Mapping):
     per = _by_name(spec, ratio, "ratio")
@@ -635,6 +646,9 @@ def _ratios(spec: Spec, ratio: Ratio, groups: GroupSelection) -> list[tuple[Grou
   else:
     pairs = [(g, ratio) for g in selected]
   for g, r in pairs:
-    if isinstance(r, bool) or not isinstance(r, (int, float, np.floating, np.integer)) or not 0 <= r < 1:
+    if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, float, np.floating, np.integer)):
+      raise ScalarTypeError(f"ratio for group {g.name!r} must be a number in [0, 1), got {type(r).__name__} "
+                            f"{r!r:.80}")
+    if not 0 <= r < 1:
       raise ValueError(f"ratio for group {g.name!r} must be a number in [0, 1), got {r!r}")
   return [(g, float(r)) for g, r in pairs]

@@ -330,11 +330,18 @@ def _check_models(variables_list, spec: Spec) -> list[dict[str, Any]]:
 def _weights(weights, k: int) -> np.ndarray:
   if weights is None:
     return np.full(k, 1.0 / k)
-  w = np.asarray(weights, np.float64)
+  try:
+    raw = np.asarray(weights)
+  except (TypeError, ValueError):  # ragged nestings
+    raw = np.asarray(None)
+  if raw.dtype.kind not in "iuf":
+    raise TypeError(f"fuse_models: weights must be {k} numbers, one per model, got {type(weights).__name__} "
+                    f"{weights!r:.80}")
+  w = raw.astype(np.float64)
   if w.shape != (k,):
-    raise ValueError(f"weights must be {k} numbers, one per model, got shape {w.shape}")
+    raise ValueError(f"fuse_models: weights must be {k} numbers, one per model, got shape {w.shape}")
   if not np.all(np.isfinite(w)) or np.any(w < 0):
-    raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    raise ValueError(f"fuse_models: weights must be finite and non-negative, got {w.tolist()}")
   if abs(w.sum() - 1.0) > 1e-6:
-    raise ValueError(f"weights must sum to 1, got {w.tolist()} (sum {w.sum():.6g})")
+    raise ValueError(f"fuse_models: weights must sum to 1, got {w.tolist()} (sum {w.sum():.6g})")
   return w

@@ -26,6 +26,7 @@ from ifjax._batchnorm import derived_bn
 from ifjax._fuse import apply_plan, kept_count, plan
 from ifjax._repair import batch_statistics_pass, reset_batchnorm_affine
 from ifjax._importance import group_size
+from ifjax._scalars import python_scalar
 from ifjax._spec import Spec, Variables, flatten, unflatten
 
 
@@ -102,9 +103,17 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
   >>> alloc.cost <= 0.5 * alloc.dense_cost
   True
   """
-  rs = np.asarray(sorted(float(r) for r in ratios), np.float64)
-  if rs.size == 0 or rs[0] <= 0 or rs[-1] >= 1:
-    raise ValueError(f"ratios must be non-empty and in (0, 1), got {list(ratios)}")
+  if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__iter__") or np.ndim(ratios) != 1:
+    raise TypeError(f"measure_sensitivity: ratios must be a sequence of numbers in (0, 1), got "
+                    f"{type(ratios).__name__} {ratios!r:.80}")
+  given = [python_scalar(r, "iuf", "measure_sensitivity: ratios") for r in ratios]
+  wrong = [r for r in given if isinstance(r, bool) or not isinstance(r, (int, float))]
+  if wrong:
+    raise TypeError(f"measure_sensitivity: ratios must be numbers in (0, 1), got {type(wrong[0]).__name__} "
+                    f"{wrong[0]!r:.80} among them")
+  rs = np.asarray(sorted(given), np.float64)
+  if rs.size == 0 or not np.all(np.isfinite(rs)) or rs[0] <= 0 or rs[-1] >= 1:
+    raise ValueError(f"measure_sensitivity: ratios must be non-empty and in (0, 1) (finite numbers), got {given}")
   x = np.asarray(inputs)
   if x.ndim < 2 or len(x) < 2:
     raise ValueError(f"inputs must be (N >= 2, *input_shape), got shape {x.shape}")

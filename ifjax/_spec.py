@@ -221,10 +221,39 @@ class Spec:
 
   @classmethod
   def from_json(cls, text: str) -> Spec:
-    d = json.loads(text)
-    return cls(tuple(Group(g["name"], g["producers"], g.get("consumers", ()), g.get("size"), g.get("exact", True))
-                     for g in d["groups"]),
-               tuple(tuple(b) for b in d.get("batchnorms", ())))
+    """The spec :meth:`to_json` wrote. ``TypeError`` if ``text`` is not a str; ``ValueError`` naming the part
+    (``groups[2]``, ``batchnorms[0]``) if it is not JSON or not a spec's layout."""
+    if not isinstance(text, (str, bytes, bytearray)):
+      raise TypeError(f"Spec.from_json: text must be a JSON str, got {type(text).__name__}")
+    try:
+      d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"Spec.from_json: text is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("groups"), list):
+      raise ValueError("Spec.from_json: text must be a JSON object with a 'groups' list (of Spec.to_json), got "
+                       f"{str(text)[:80]!r}")
+    groups = []
+    for i, g in enumerate(d["groups"]):
+      where = f"Spec.from_json: groups[{i}]"
+      if not isinstance(g, dict):
+        raise ValueError(f"{where} must be an object with 'name' and 'producers', got {g!r:.80}")
+      missing = [k for k in ("name", "producers") if k not in g]
+      if missing:
+        raise ValueError(f"{where} lacks {' and '.join(map(repr, missing))}")
+      for key in ("producers", "consumers"):
+        if not isinstance(g.get(key, []), list):
+          raise ValueError(f"{where} ({g['name']!r}): {key} must be a list of members, got {g[key]!r:.80}")
+      try:
+        groups.append(Group(g["name"], g["producers"], g.get("consumers", ()), g.get("size"), g.get("exact", True)))
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} ({g['name']!r:.80}): {e}") from None
+    bns = d.get("batchnorms", [])
+    if not isinstance(bns, list) or not all(isinstance(b, list) for b in bns):
+      raise ValueError(f"Spec.from_json: batchnorms must be a list of [layer, bn(, eps)] lists, got {bns!r:.80}")
+    try:
+      return cls(tuple(groups), tuple(tuple(b) for b in bns))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Spec.from_json: {e}") from None
 
   # -- validation -----------------------------------------------------------
   def validate(self, variables: Variables) -> dict[str, int]:

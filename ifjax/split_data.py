@@ -25,6 +25,7 @@ import numpy as np
 
 from ifjax import finetune, train
 from ifjax._modelfusion import fuse_models
+from ifjax._scalars import python_scalar
 
 
 class SplitResult(NamedTuple):
@@ -48,8 +49,10 @@ def folds(n: int, k: int, seed: int = 0, drop_remainder: bool = False) -> list[n
   >>> [f.tolist() for f in folds(6, 2, seed=0)]
   [[2, 3, 5], [0, 1, 4]]
   """
-  if not isinstance(k, int) or k < 2:
-    raise SplitDataError(f"the fold count k must be an int >= 2, got {k!r}")
+  n = python_scalar(n, "iu", "folds: n")
+  if isinstance(n, bool) or not isinstance(n, int):
+    raise TypeError(f"folds: n (the number of examples) must be an int, got {type(n).__name__} {n!r:.80}")
+  k = _fold_count(k, "folds")
   if n < k:
     raise SplitDataError(f"cannot split {n} examples into {k} folds")
   if n % k and not drop_remainder:
@@ -59,13 +62,24 @@ def folds(n: int, k: int, seed: int = 0, drop_remainder: bool = False) -> list[n
   return [np.sort(f) for f in np.split(order, k)]
 
 
+def _fold_count(k, who: str) -> int:
+  """The fold count ``k`` as a Python int >= 2 (NumPy / JAX integer scalars accepted)."""
+  k = python_scalar(k, "iu", f"{who}: k")
+  if isinstance(k, bool) or not isinstance(k, int):
+    raise TypeError(f"{who}: the fold count k must be an int >= 2, got {type(k).__name__} {k!r:.80}")
+  if k < 2:
+    raise SplitDataError(f"{who}: the fold count k must be an int >= 2, got {k!r}")
+  return k
+
+
 def subsets(k: int) -> list[tuple[int, ...]]:
   """The training sets of k-fold Split-Data: every union of k/2 of the k folds (C(k, k/2) of them).
 
   >>> subsets(2), len(subsets(4))
   ([(0,), (1,)], 6)
   """
-  if not isinstance(k, int) or k < 2 or k % 2:
+  k = _fold_count(k, "subsets")
+  if k % 2:
     raise SplitDataError(f"k-fold Split-Data needs an even k >= 2 (each model sees k/2 folds), got {k!r}")
   return list(itertools.combinations(range(k), k // 2))
 

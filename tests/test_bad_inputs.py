@@ -369,3 +369,115 @@ def test_save_under_a_bracketed_working_directory_is_refused(tmp_path, monkeypat
   monkeypatch.chdir(tmp_path / "w[1]")
   with pytest.raises(ifjax.CheckpointError, match=r"save: path='m'.*w\[1\]/m.*contains '\[' and '\]'"):
     ifjax.save("m", v, spec)
+
+
+# -- 2. allocate targets --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["target_params", "target_flops"])
+@pytest.mark.parametrize("target", [float("nan"), float("inf"), -0.5, 0, np.float32("nan")])
+def test_allocate_refuses_non_finite_and_non_positive_targets(what, target):
+  v, spec = _mlp()
+  extra = {} if what == "target_params" else {"rebuild": lambda w: None, "example_args": (np.ones((1, 3)),)}
+  with pytest.raises(ValueError, match=rf"allocate: {what} must be a finite number > 0 .*got"):
+    ifjax.allocate(v, spec, **{what: target}, **extra)
+
+
+def test_allocate_takes_a_numpy_target():
+  v, spec = _mlp((6, 5))
+  assert ifjax.allocate(v, spec, target_params=np.float64(0.6)) == ifjax.allocate(v, spec, target_params=0.6)
+  assert ifjax.allocate(v, spec, target_params=np.int64(40)) == ifjax.allocate(v, spec, target_params=40)
+
+
+# -- 7. library errors that name the argument -----------------------------------------------------------------
+@pytest.mark.parametrize("text, error, message", [
+    ("{", ValueError, r"Spec.from_json: text is not valid JSON"),
+    ("[]", ValueError, r"Spec.from_json: text must be a JSON object with a 'groups' list"),
+    ('{"groups": 3}', ValueError, r"with a 'groups' list"),
+    ('{"groups": [3]}', ValueError, r"groups\[0\] must be an object with 'name' and 'producers', got 3"),
+    ('{"groups": [{"name": "a"}]}', ValueError, r"groups\[0\] lacks 'producers'"),
+    ('{"groups": [{"producers": []}]}', ValueError, r"groups\[0\] lacks 'name'"),
+    ('{"groups": [{"name": "a", "producers": 5}]}', ValueError, r"groups\[0\] \('a'\): producers must be a list"),
+    ('{"groups": [{"name": "a", "producers": [["p", "x"]]}]}', ValueError,
+     r"groups\[0\] \('a'\): a group member must be \(str path, int axis"),
+    ('{"groups": [{"name": 7, "producers": [["p", 1]]}]}', ValueError, r"group name must be a non-empty string"),
+    ('{"groups": [], "batchnorms": [5]}', ValueError, r"batchnorms must be a list of \[layer, bn\(, eps\)\] lists"),
+    ('{"groups": [], "batchnorms": [["a", "b", "x"]]}', ValueError, r"Spec.from_json: could not convert"),
+    (3, TypeError, r"Spec.from_json: text must be a JSON str, got int"),
+])
+def test_spec_from_json_names_what_is_malformed(text, error, message):
+  with pytest.raises(error, match=message):
+    ifjax.Spec.from_json(text)
+
+
+def test_fuse_models_weights_that_are_not_numbers():
+  v, spec = _mlp()
+  for weights in ("abc", {"a": 1.0}, [0.5, "x"], [[0.5], [0.5, 0.0]]):
+    with pytest.raises(TypeError, match=r"fuse_models: weights must be 2 numbers, one per model, got"):
+      ifjax.fuse_models([v, v], spec, weights=weights)
+  with pytest.raises(ValueError, match=r"fuse_models: weights must sum to 1"):
+    ifjax.fuse_models([v, v], spec, weights=[0.5, 0.6])
+
+
+def test_split_data_folds_types():
+  from ifjax import split_data
+
+  with pytest.raises(TypeError, match=r"folds: n \(the number of examples\) must be an int, got float 10.0"):
+    split_data.folds(10.0, 2)
+  for k in (2.0, True, "2"):
+    with pytest.raises(TypeError, match=r"folds: the fold count k must be an int >= 2, got"):
+      split_data.folds(10, k)
+  with pytest.raises(split_data.SplitDataError, match=r"k must be an int >= 2, got 1"):
+    split_data.folds(10, 1)
+  # 8. NumPy / JAX integers are fold counts
+  assert [f.tolist() for f in split_data.folds(np.int64(6), np.int64(2))] == [f.tolist() for f in
+                                                                             split_data.folds(6, 2)]
+  assert split_data.subsets(jnp.int32(4)) == split_data.subsets(4)
+  images, labels = np.arange(8.0)[:, None], np.arange(8)
+  assert len(split_data.split((images, labels), np.int64(2))) == 2
+
+
+def test_measure_sensitivity_ratios_are_checked():
+  v, spec = _mlp()
+  apply = lambda v, x: x @ v["params"]["fc0"]["kernel"] @ v["params"]["fc1"]["kernel"] @ v["params"]["fc2"]["kernel"]
+  x = np.ones((4, 3), np.float32)
+  for ratios in ([float("nan")], [0.5, float("nan")], [float("inf")], []):
+    with pytest.raises(ValueError, match=r"measure_sensitivity: ratios must be non-empty and in \(0, 1\) \(finite"):
+      ifjax.measure_sensitivity(apply, v, spec, x, ratios=ratios, recalibrate=False, progress=False)
+  for ratios in ("0.5", 0.5, [0.5, "x"], [True]):
+    with pytest.raises(TypeError, match=r"measure_sensitivity: ratios must be"):
+      ifjax.measure_sensitivity(apply, v, spec, x, ratios=ratios, recalibrate=False, progress=False)
+
+
+def test_bn_sensitivity_refuses_a_negative_variance():
+  v, spec = _mlp()
+  spec = ifjax.Spec(spec.groups, (("fc0", "bn0"),))
+  v = {**v, "batch_stats": {"bn0": {"mean": np.zeros(4, np.float32), "var": np.array([1, 1, -0.5, 1], np.float32)}}}
+  with pytest.raises(ValueError, match=r"bn_sensitivity: variables\['batch_stats/bn0/var'\] must hold finite, "
+                                       r"non-negative BatchNorm running variances, got -0.5 at channel 2"):
+    ifjax.bn_sensitivity(v, spec)
+
+
+# -- 8. NumPy / JAX scalar ratios -----------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [jnp.float32(0.5), np.float32(0.5), np.float64(0.5), np.array(0.5),
+                                   {"h0": jnp.float32(0.5), "h1": np.float16(0.5)}])
+def test_numpy_and_jax_scalar_ratios(ratio):
+  v, spec = _mlp((4, 4))
+  for fn in (ifjax.intra_fuse, ifjax.prune):
+    ref, out = fn(v, spec, 0.5), fn(v, spec, ratio)
+    assert ifjax.widths(out, spec) == {"h0": 2, "h1": 2}
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(out)):
+      np.testing.assert_array_equal(a, b)
+  pl = ifjax.plan(v, spec, ratio)
+  assert {k: p.m for k, p in pl.items()} == {"h0": 2, "h1": 2}
+
+
+@pytest.mark.parametrize("ratio", [True, np.bool_(True), jnp.array(True), "0.5", [0.5], jnp.array([0.5])])
+def test_bools_and_non_scalars_are_still_not_ratios(ratio):
+  v, spec = _mlp()
+  with pytest.raises(TypeError, match="ratio"):
+    ifjax.intra_fuse(v, spec, ratio)
+
+
+def test_a_traced_ratio_is_refused_by_name():
+  v, spec = _mlp()
+  with pytest.raises(TypeError, match=r"ratio must be a concrete number, got a traced value"):
+    jax.jit(lambda r: ifjax.plan(v, spec, r, solver="sinkhorn"))(0.5)
