@@ -331,3 +331,35 @@ def test_resize_nnx_attention_heads():
   new = ifjax.resize_nnx(att, small)
   assert (new.num_heads, new.qkv_features, new.head_dim) == (2, 8, 4)
   np.testing.assert_allclose(new(x), apply_fn(zeroed, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, reorder, message", [
+    ("reversed", lambda h: h[:, ::-1], r"'rev'.*reverses axis 1, which resize can only keep at its original size"),
+    ("sorted", lambda h: jnp.sort(h, axis=1), r"'sort'.*sorts along axis 1"),
+    ("argsorted", lambda h: jnp.take_along_axis(h, jnp.argsort(h, axis=1), axis=1), r"'sort'.*sorts along axis 1"),
+    ("permuted", lambda h: h[:, np.array([3, 1, 0, 2, 7, 5, 6, 4])], r"'gather'.*indexes axis 1"),
+    ("cumprod backwards", lambda h: jax.lax.cumprod(h, axis=1, reverse=True), r"'cumprod'.*accumulates.*backwards"),
+])
+def test_channel_permutations_raise(name, reorder, message):
+  """Reordering a pruned axis: the small model holds the kept channels first, the zero-padded one zeros after them,
+  so no reordering lines up with the next layer's weights; it used to give wrong outputs without an error."""
+  rng = np.random.default_rng(0)
+  p = {"w1": jnp.asarray(rng.normal(size=(5, 8)), jnp.float32), "w2": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}
+  small = {"w1": p["w1"][:, :6], "w2": p["w2"][:6]}
+  x = _images((4, 5))
+  with pytest.raises(ifjax.ResizeError, match=message):
+    ifjax.resize(lambda v, x: reorder(jax.nn.relu(x @ v["w1"])) @ v["w2"], p, small, x)
+
+
+def test_order_dependent_ops_on_unpruned_axes_and_cumsum_still_resize(rel_err):
+  rng = np.random.default_rng(0)
+  p = {"w1": jnp.asarray(rng.normal(size=(5, 8)), jnp.float32), "w2": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}
+  small = {"w1": p["w1"][:, :6], "w2": p["w2"][:6]}
+  padded = {"w1": p["w1"].at[:, 6:].set(0), "w2": p["w2"].at[6:].set(0)}  # the kept channels first, zeros after
+
+  def fn(v, x):
+    h = jax.nn.relu(x[::-1] @ v["w1"])  # reversing the batch axis
+    return jnp.sort(jnp.cumsum(h, axis=1) + jax.lax.cumsum(h, axis=1, reverse=True), axis=0) @ v["w2"]
+
+  x = _images((4, 5))
+  assert rel_err(ifjax.resize(fn, p, small, x)(small, x), fn(padded, x)) < 1e-5

@@ -18,8 +18,11 @@ Choices the shapes alone leave open, made by documented rules:
   parts of a concatenation keep their original proportions (as a uniform ratio
   prunes them); if that is not an integer split, :class:`ResizeError`.
 
-Anything else that cannot be followed raises :class:`ResizeError` naming the
-primitive and the shapes.
+A shrunk axis holds the kept channels first (the zero-padded model has zeros
+after them), so a program that reorders it (a reversal, a sort or argsort, a
+gather or slice of part of it, a backwards cumulative product / max / min)
+cannot be followed and raises :class:`ResizeError`. Anything else that cannot be
+followed raises it too, naming the primitive and the shapes.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import jax
 import jax.extend as jex
 import numpy as np
 
+from ifjax._errors import IfjaxError
 
-class ResizeError(ValueError):
+
+class ResizeError(IfjaxError, ValueError):
   """The program cannot be re-evaluated at the pruned shapes (or the pruned variables do not fit it)."""
 
 
