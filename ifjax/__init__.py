@@ -10,11 +10,12 @@ from ifjax._batchnorm import fold_batchnorm
 from ifjax._budget import Allocation, allocate, bn_sensitivity, flops, param_count
 from ifjax._cache import enable_compilation_cache
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
+from ifjax._errors import ArgumentTypeError, IfjaxError
 from ifjax._fuse import (ConvergenceError, ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, iterative_fuse,
                          kept_count, plan, prune, transport_maps)
 from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
 from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
-from ifjax._save import restore, save
+from ifjax._save import SaveFormatError, restore, save
 from ifjax._sensitivity import SensitivityCurves, measure_sensitivity
 from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, match_groups, widths
 from ifjax._synthetic import SyntheticInputs, bn_statistics_gap, synthesize_inputs
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Alignment",
     "Allocation",
+    "ArgumentTypeError",
     "BatchNormPair",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -36,9 +38,11 @@ __all__ = [
     "Group",
     "GroupAlignment",
     "GroupPlan",
+    "IfjaxError",
     "Member",
     "Plan",
     "ResizeError",
+    "SaveFormatError",
     "SensitivityCurves",
     "Spec",
     "SpecCheckError",

@@ -11,10 +11,12 @@ import jax
 import numpy as np
 from scipy.special import ndtr
 
+from ifjax._errors import ArgumentTypeError
 from ifjax._fuse import apply_plan, kept_count, plan, relative_ratios
 from ifjax._importance import group_size, member_rows
 from ifjax._scalars import python_scalar
 from ifjax._spec import Spec, Variables, _module_path, flatten, unflatten
+from ifjax._trace.resize import resize
 
 
 def param_count(variables: Mapping[str, Any]) -> int:
@@ -208,7 +210,8 @@ class Allocation(NamedTuple):
 
 def allocate(variables: Variables, spec: Spec, *, target_params: float | None = None,
              target_flops: float | None = None, method: str = "uniform",
-             rebuild: Callable[[dict], Callable] | None = None, example_args: tuple = (),
+             rebuild: Callable[[dict], Callable] | None = None, apply_fn: Callable[..., Any] | None = None,
+             example_args: tuple = (),
              example_kwargs: Mapping[str, Any] | None = None, importance: Any = "l1",
              protect: Iterable[str | int] = (), groups: Any = None, curves: Any = None) -> Allocation:
   """Per-group ratios whose pruned network costs at most the target, for ``plan(variables, spec, ratios)``.
@@ -217,7 +220,9 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     target_params: parameters to keep at most (an int), or a fraction of the dense count if < 1.
     target_flops: FLOPs of one call at most, or a fraction of the dense FLOPs if < 1; needs ``rebuild``
       (``widths -> apply_fn`` of the network at those widths, e.g. ``lambda w: models.get(name, widths=w)[0].apply``)
-      and ``example_args`` / ``example_kwargs`` for the call (``train=False``).
+      or ``apply_fn`` (the dense network's ``apply_fn(variables, *example_args, **example_kwargs)``, e.g. the
+      function given to :func:`ifjax.trace_spec`: the pruned networks are run through :func:`ifjax.resize`, so a
+      model of your own needs no rebuild), and ``example_args`` / ``example_kwargs`` for the call (``train=False``).
     method: ``"uniform"``, one ratio for every selected group (the largest-kept one that meets the budget);
       ``"global"``, the neurons of all selected groups ranked together by importance (each group's scores
       divided by their mean, as the built-in importances are), the least important removed first
@@ -243,6 +248,17 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   one more neuron in every group (uniform) or the last neuron removed (global, sensitivity), would exceed it. A budget
   below what the network costs with one neuron per group raises ``ValueError`` with that minimum.
   """
+  if not isinstance(variables, Mapping):
+    raise ArgumentTypeError(f"allocate: variables must be a Flax variables dict, got {type(variables).__name__}")
+  if not isinstance(spec, Spec):
+    raise ArgumentTypeError(f"allocate: spec must be an ifjax.Spec, got {type(spec).__name__}")
+  if not isinstance(method, str):
+    raise ArgumentTypeError(f"allocate: method must be a str, got {type(method).__name__}")
+  if not isinstance(example_args, (tuple, list)):
+    raise ArgumentTypeError(f"allocate: example_args must be a tuple of the call's positional arguments, got "
+                            f"{type(example_args).__name__}")
+  if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+    raise ArgumentTypeError(f"allocate: example_kwargs must be a dict, got {type(example_kwargs).__name__}")
   if (target_params is None) == (target_flops is None):
     raise ValueError("allocate needs exactly one of target_params= or target_flops=")
   what = "target_params" if target_params is not None else "target_flops"
@@ -257,8 +273,13 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
     raise ValueError(f"method must be 'uniform', 'global', 'sensitivity' or 'measured', got {method!r}")
   if (method == "measured") != (curves is not None):
     raise ValueError("method='measured' needs curves=measure_sensitivity(...), and curves= needs method='measured'")
-  if target_flops is not None and rebuild is None:
-    raise ValueError("target_flops needs rebuild=widths -> apply_fn and the example inputs of one call")
+  if target_flops is not None and (rebuild is None) == (apply_fn is None):
+    raise ValueError("target_flops needs rebuild=widths -> apply_fn (e.g. a zoo model rebuilt at those widths) or "
+                     "apply_fn= (the dense model's apply function, run at the pruned widths by ifjax.resize), not "
+                     "both, and the example inputs of one call")
+  for what, fn in (("rebuild", rebuild), ("apply_fn", apply_fn)):
+    if fn is not None and not callable(fn):
+      raise ArgumentTypeError(f"allocate: {what} must be callable, got {type(fn).__name__}")
   protected = {spec[p].name for p in protect}
   selected = [g.name for g in spec.select(groups) if g.name not in protected]
   if not selected:
@@ -273,13 +294,16 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
 
   dense_shapes = jax.eval_shape(lambda v: apply_plan(v, spec, full), variables)
   memo: dict[tuple, float] = {}
+  resized = None
+  if target_flops is not None and rebuild is None:  # one resized function, re-evaluated at each set of widths
+    resized = resize(apply_fn, dense_shapes, dense_shapes, *example_args, **kwargs)
 
   def cost(kept: Mapping[str, int]) -> float:
     key = tuple(sorted(kept.items()))
     if key not in memo:
       shapes = resized_shapes(dense_shapes, spec, {g: sizes[g] - k for g, k in kept.items()})
       memo[key] = float(param_count(shapes)) if target_params is not None else \
-          flops(rebuild({**dense_widths, **kept}), shapes, *example_args, **kwargs)
+          flops(resized if rebuild is None else rebuild({**dense_widths, **kept}), shapes, *example_args, **kwargs)
     return memo[key]
 
   dense = cost(sizes)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ifjax._errors import IfjaxError
 from ifjax._spec import flatten, unflatten
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "load_into", "read_torch", "state_dict"]
@@ -49,7 +50,7 @@ _MAX_EXPANSION = 2**26  # elements all overlapping (e.g. stride-0) tensors of on
 _EXPANDED: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ifjax_checkpoint_expanded", default=None)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IfjaxError, ValueError):
   """A file is not a readable PyTorch checkpoint, or holds objects ifjax refuses to build."""
 
 

@@ -28,9 +28,10 @@ import numpy as np
 
 from ifjax import _importance, _transport
 from ifjax._batchnorm import derived_bn, folded_flat
+from ifjax._errors import ArgumentTypeError, IfjaxError
 from ifjax._scalars import ScalarTypeError, python_scalar
 from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, member_rows,
-                         on_host, to_jax, unflatten, weight_members)
+                         on_host, resized_spec, to_jax, unflatten, weight_members)
 
 
 class GroupPlan(NamedTuple):
@@ -69,7 +70,75 @@ class GroupPlan(NamedTuple):
     return int(np.shape(self.keep if self.keep is not None else self.producer_map)[0])
 
 
-Plan = dict[str, GroupPlan]
+class Plan(dict):
+  """``{group name: GroupPlan}`` in network order, as :func:`plan` returns it: a dict (and a pytree) that also
+  remembers the spec and the neuron counts it was planned on, so it gives the pruned model's widths and spec
+  without the original variables or a zoo rebuild.
+
+  A plain ``{name: GroupPlan}`` dict works wherever a plan is taken; it lacks :meth:`widths` and :meth:`spec`
+  (use :func:`ifjax.widths` with the variables, and ``ifjax.save(..., plan=)``).
+
+  Examples:
+    >>> import numpy as np, ifjax
+    >>> variables = {"params": {"hidden": {"kernel": np.ones((2, 4), np.float32)},
+    ...                         "out": {"kernel": np.ones((4, 1), np.float32)}}}
+    >>> spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+    >>> pl = ifjax.plan(variables, spec, 0.5)
+    >>> pl.widths()
+    {'hidden': 2}
+    >>> pl.spec().validate(ifjax.apply_plan(variables, spec, pl))
+    {'hidden': 2}
+  """
+
+  def __init__(self, groups: Mapping[str, GroupPlan] | Iterable[tuple[str, GroupPlan]] = (),
+               spec: Spec | None = None, sizes: Mapping[str, int] | None = None,
+               ndims: Mapping[str, int] | None = None):
+    """``groups``: the ``{name: GroupPlan}`` entries; ``spec`` and ``sizes`` (``{group: neuron count}`` of every
+    group of ``spec`` before the plan) are what the plan was made with; ``ndims``: ``{member path: ndim}``."""
+    super().__init__(groups)
+    self._spec, self._sizes = spec, (dict(sizes) if sizes is not None else None)
+    self._ndims = dict(ndims) if ndims is not None else None
+
+  @property
+  def source_spec(self) -> Spec | None:
+    """The spec this plan was made with (None for a plan built by hand)."""
+    return self._spec
+
+  def widths(self) -> dict[str, int]:
+    """``{group name: neuron count}`` of every group of the spec after :func:`apply_plan` (groups the plan
+    leaves alone keep theirs): ``widths=`` of a zoo model rebuilt at the pruned size."""
+    if self._sizes is None:
+      raise ValueError("this plan does not know the neuron counts it was made on (it was built by hand, not by "
+                       "ifjax.plan); use ifjax.widths(variables, spec, plan)")
+    return {**self._sizes, **{name: gp.m for name, gp in self.items()}}
+
+  def spec(self) -> Spec:
+    """The spec of the variables :func:`apply_plan` returns: the spec the plan was made with, each planned
+    group's ``size=`` (where it has one) set to its kept count and the offsets of segments of shared axes
+    moved past the neurons removed before them. Batchnorm pairs are kept. For a zoo model this is the spec
+    of ``ifjax.models.get(name, widths=plan.widths())``; pass it to :func:`ifjax.save` with the pruned
+    variables, or to :func:`plan` to prune them again."""
+    if self._spec is None:
+      raise ValueError("this plan does not know the spec it was made with (it was built by hand, not by "
+                       "ifjax.plan); use ifjax.save(path, pruned, spec, plan=plan)")
+    return resized_spec(self._spec, {name: (gp.n, gp.m) for name, gp in self.items()}, self._ndims)
+
+  def _aux(self):
+    return (tuple(self), self._spec, None if self._sizes is None else tuple(self._sizes.items()),
+            None if self._ndims is None else tuple(self._ndims.items()))
+
+
+def _plan_flatten_with_keys(p: Plan):
+  return [(jax.tree_util.DictKey(k), v) for k, v in p.items()], p._aux()
+
+
+def _plan_unflatten(aux, children) -> Plan:
+  names, spec, sizes, ndims = aux
+  return Plan(zip(names, children), spec, None if sizes is None else dict(sizes), None if ndims is None else dict(ndims))
+
+
+jax.tree_util.register_pytree_with_keys(Plan, _plan_flatten_with_keys, _plan_unflatten,
+                                        lambda p: (list(p.values()), p._aux()))
 Ratio = float | Mapping[str | int, float]
 GroupSelection = str | int | Iterable[str | int] | None
 
@@ -78,7 +147,7 @@ class ConvergenceWarning(UserWarning):
   """Sinkhorn did not reach its threshold; see ``fallback=`` of :func:`plan`."""
 
 
-class ConvergenceError(RuntimeError):
+class ConvergenceError(IfjaxError, RuntimeError):
   """An OT solver did not converge: Sinkhorn with ``fallback="raise"``, or the exact LP failed."""
 
 
@@ -176,6 +245,9 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
   """:func:`plan`, and the BN-folded flat variables it planned on (for :func:`intra_fuse` / :func:`prune`,
   which apply the plan to them without folding and validating a second time)."""
   ratio = _scalar_ratios(ratio)  # jnp.float32(0.5) is the ratio 0.5
+  _check_types(variables, spec, ratio, importance=importance, fuse=fuse, solver=solver, target=target,
+               source_mass=source_mass, target_mass=target_mass, normalization=normalization,
+               include_bias=include_bias, fallback=fallback)
   traced = is_traced(variables)
   if traced and solver == "exact":
     raise ValueError("solver='exact' runs POT on the host and cannot be traced; inside jax.jit use "
@@ -220,7 +292,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
                             xp.asarray(0))
             for name, (g, n, m, scores, keep) in prepared.items() if not fuse or not g.exact}
   if not fuse:
-    return pruned, flat
+    return _as_plan(pruned, spec, sizes, flat), flat
 
   fused = [name for name in prepared if name not in pruned]  # pruning-only groups (Group.exact False) are done
   position = {name: i for i, name in enumerate(fused)}
@@ -287,7 +359,12 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     g, n, m, scores, keep = prepared[name]
     out[name] = GroupPlan(keep, scores, t.matrix, *transport_maps(t.matrix, normalization), t.converged,
                           t.marginal_error, t.iterations)
-  return {name: out[name] if name in out else pruned[name] for name in prepared}, flat
+  return _as_plan({name: out[name] if name in out else pruned[name] for name in prepared}, spec, sizes, flat), flat
+
+
+def _as_plan(groups: Mapping[str, GroupPlan], spec: Spec, sizes: Mapping[str, int], flat: Mapping[str, Any]) -> Plan:
+  ndims = {m.path: np.ndim(flat[m.path]) for g in spec.groups for m in g.members}
+  return Plan(groups, spec, sizes, ndims)
 
 
 # bytes of queued compiled-cost inputs and outputs (neuron vectors, cost matrices) the exact path lets pile up
@@ -551,6 +628,32 @@ def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
 
 
 # -- input checks ------------------------------------------------------------------
+def _check_types(variables, spec, ratio, *, importance, fuse, include_bias, **choices) -> None:
+  """:class:`ArgumentTypeError` (a TypeError and a ValueError) naming the argument of the wrong type given to
+  :func:`plan` / :func:`intra_fuse` / :func:`prune` / :func:`iterative_fuse`; values are checked later."""
+  def bad(what, value, want):
+    raise ArgumentTypeError(f"{what} must be {want}, got {type(value).__name__} {value!r:.80}")
+
+  real = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+  if not isinstance(variables, Mapping):
+    bad("variables", variables, "a Flax variables dict with a 'params' collection")
+  if not isinstance(spec, Spec):
+    bad("spec", spec, "an ifjax.Spec (ifjax.trace_spec, ifjax.models.get, or written by hand)")
+  if not isinstance(ratio, Mapping) and not real(ratio):
+    bad("ratio", ratio, "a number in [0, 1) or a dict {group name or paper index: ratio}")
+  for k, r in (ratio.items() if isinstance(ratio, Mapping) else ()):
+    if not real(r):
+      raise ArgumentTypeError(f"ratio for group {k!r} must be a number in [0, 1), got {type(r).__name__} {r!r:.80}")
+  if not (isinstance(importance, (str, Mapping)) or callable(importance)):
+    bad("importance", importance, "a name, a callable or a dict of scores")
+  for what, v in (("fuse", fuse), ("include_bias", include_bias)):
+    if not isinstance(v, (bool, np.bool_)):
+      bad(what, v, "a bool")
+  for what, v in choices.items():
+    if not isinstance(v, str):
+      bad(what, v, "a str")
+
+
 def _check_choice(what: str, value: str, options: tuple[str, ...]):
   if value not in options:
     raise ValueError(f"{what} must be one of {options}, got {value!r}")
@@ -599,13 +702,15 @@ def _check_plan(variables: Variables, spec: Spec, plan: Plan) -> None:
   importance (n,), keep (m,) integer indices in [0, n), maps (m, n), 1 <= m <= n. Shapes are static under
   ``jit``; the index range is checked for concrete plans only."""
   if not isinstance(plan, Mapping):
-    raise ValueError(f"plan must be a dict {{group name: GroupPlan}} (of ifjax.plan), got {type(plan).__name__}")
+    raise ArgumentTypeError(f"plan must be a dict {{group name: GroupPlan}} (of ifjax.plan), got {type(plan).__name__}")
+  if not isinstance(spec, Spec):
+    raise ArgumentTypeError(f"spec must be an ifjax.Spec, got {type(spec).__name__}")
   sizes = spec.validate(variables)
   for name, gp in plan.items():
     if name not in sizes:
       raise ValueError(f"plan has group {name!r}, which the spec does not have ({spec.names})")
     if not isinstance(gp, GroupPlan):
-      raise ValueError(f"plan[{name!r}] must be a GroupPlan, got {type(gp).__name__}")
+      raise ArgumentTypeError(f"plan[{name!r}] must be a GroupPlan, got {type(gp).__name__}")
     n = sizes[name]
     where = f"plan[{name!r}] does not fit group {name!r}, which has {n} neurons in these variables"
     if np.shape(gp.importance) != (n,):

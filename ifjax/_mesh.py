@@ -15,8 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ifjax._errors import IfjaxError
 
-class TrainingError(ValueError):
+
+class TrainingError(IfjaxError, ValueError):
   """Bad input to the training functions: empty data, a batch or mesh that does not fit, ..."""
 
 

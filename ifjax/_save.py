@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax._checkpoint import CheckpointError
-from ifjax._spec import Spec, Variables
+from ifjax._errors import ArgumentTypeError
+from ifjax._spec import Spec, Variables, flatten, pruned_widths, resized_spec
 
 __all__ = ["SaveFormatError", "check_path", "latest", "read_tree", "restore", "save", "write_tree"]
 
@@ -178,26 +179,40 @@ def latest(directory: str | os.PathLike, prefix: str) -> Path | None:
 
 # -- high level: a pruned model ------------------------------------------------------------------
 def save(path: str | os.PathLike, variables: Variables, spec: Spec, widths: Mapping[str, int] | None = None,
-         state: Any = None) -> Path:
+         state: Any = None, *, plan: Mapping[str, Any] | None = None) -> Path:
   """Writes a (pruned) model to the new checkpoint directory ``path``; returns its absolute path.
 
   Args:
     path: a directory that does not exist yet.
     variables: Flax variables ``{"params": ..., "batch_stats": ...}`` at any (pruned) shapes.
     spec: the spec describing ``variables``; for a pruned zoo model, the spec of
-      ``ifjax.models.get(name, widths=widths)``.
+      ``ifjax.models.get(name, widths=widths)``. With ``plan``: the spec the plan was made with.
     widths: ``{group name: neuron count}`` (e.g. ``ifjax.widths(variables, spec, plan)``) or None.
     state: an optional training state, any pytree :func:`write_tree` accepts
       (e.g. a NamedTuple of params, batch stats, optax state, step).
+    plan: the plan (of :func:`ifjax.plan`) that made ``variables`` (``apply_plan``'s output) from the model
+      ``spec`` describes: the pruned spec (:meth:`ifjax.Plan.spec`) is saved, with the pruned widths unless
+      ``widths`` is given, so no zoo rebuild is needed and :func:`restore` gives back a spec of the pruned
+      variables.
 
   Raises ``ValueError`` if ``spec`` does not describe ``variables`` or ``widths``
   disagrees with them, before anything is written.
   """
   check_path(path, "save: path")
+  if not isinstance(spec, Spec):
+    raise ArgumentTypeError(f"save({str(path)!r}): spec must be an ifjax.Spec, got {type(spec).__name__}")
+  if not isinstance(variables, Mapping):
+    raise ArgumentTypeError(f"save({str(path)!r}): variables must be a Flax variables dict, got "
+                            f"{type(variables).__name__}")
+  if widths is not None and not isinstance(widths, Mapping):
+    raise ArgumentTypeError(f"save({str(path)!r}): widths must be a dict {{group name: int}}, got "
+                            f"{type(widths).__name__}")
   try:
+    if plan is not None:
+      spec, widths = _pruned(variables, spec, plan, widths)
     widths = _check_widths(variables, spec, widths)
   except ValueError as e:
-    raise ValueError(f"save({str(path)!r}): {e}") from None
+    raise type(e)(f"save({str(path)!r}): {e}") from None
   meta = {_MODEL: {"spec": json.loads(spec.to_json()), "widths": widths}}
   return write_tree(path, {"variables": variables, "state": state}, meta)
 
@@ -233,6 +248,20 @@ def restore(path: str | os.PathLike, state_template: Any = None) -> tuple[dict, 
 
 
 # -- helpers -------------------------------------------------------------------------------------
+def _pruned(variables: Variables, spec: Spec, plan: Mapping[str, Any], widths: Mapping[str, int] | None):
+  """``(spec, widths)`` to save for the pruned ``variables`` of ``plan``: the plan's pruned spec and widths (the
+  given ``widths`` if any)."""
+  if getattr(plan, "source_spec", None) is not None and spec != plan.source_spec and spec == plan.spec():
+    spec = plan.source_spec  # the pruned spec itself was passed
+  which, after = pruned_widths(variables, spec, plan)
+  if which == "before" and any(gp.m != gp.n for gp in plan.values()):
+    raise ValueError("plan=: the variables are the ones the plan was made for; pass the pruned ones, "
+                     "ifjax.apply_plan(variables, spec, plan) (or intra_fuse / prune with the same options)")
+  pruned = resized_spec(spec, {k: (gp.n, gp.m) for k, gp in plan.items()}, {p: np.ndim(a) for p, a in
+                                                                            flatten(variables).items()})
+  return pruned, (after if widths is None else widths)
+
+
 def _registry(ocp):
   """Orbax handlers: the manifest is the JSON item "meta", in a file of our name."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()

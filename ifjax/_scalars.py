@@ -19,10 +19,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from ifjax._errors import ArgumentTypeError
+
 __all__ = ["ScalarTypeError", "python_scalar"]
 
 
-class ScalarTypeError(TypeError, ValueError):
+class ScalarTypeError(ArgumentTypeError):
   """A number was expected and something else came (a bool, a str, a list): a ``TypeError``, and also the
   ``ValueError`` these checks raised before, so callers catching ``ValueError`` keep working."""
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifjax._errors import ArgumentTypeError
+
 Variables = Mapping[str, Any]
 
 DEFAULT_BN_EPS = 1e-5  # flax.linen.BatchNorm's default epsilon.
@@ -462,13 +464,46 @@ def match_groups(spec_a: Spec, spec_b: Spec, variables: Variables | None = None)
   return out
 
 
+def resized_spec(spec: Spec, counts: Mapping[str, tuple[int, int]], ndims: Mapping[str, int] | None = None) -> Spec:
+  """The spec of the variables in which group g went from n to m neurons, ``counts = {g: (n, m)}`` (what
+  :func:`ifjax.apply_plan` does): a planned group's ``size=`` becomes m, and every member on an axis shared by
+  segments moves its offset back by the neurons removed from the segments before it. ``ndims``
+  (``{path: ndim}``) equates negative and non-negative axes of one array; without it they are told apart.
+
+  >>> spec = Spec((Group("a", [("params/x/kernel", 1, 0)], size=4), Group("b", [("params/x/kernel", 1, 4)], size=4)))
+  >>> [(g.size, g.producers[0].offset) for g in resized_spec(spec, {"a": (4, 2)}).groups]
+  [(2, 0), (4, 2)]
+  """
+  unknown = [k for k in counts if k not in spec.names]
+  if unknown:
+    raise ValueError(f"the plan has groups {unknown}, which the spec does not have ({spec.names})")
+  key = lambda m: (m.path, m.axis % ndims[m.path] if ndims and m.path in ndims else m.axis)
+  segments: dict[tuple[str, int], set[tuple[int, str]]] = {}
+  for g in spec.groups:
+    for m in g.members:
+      segments.setdefault(key(m), set()).add((m.offset, g.name))
+  removed = {k: n - m for k, (n, m) in counts.items()}
+
+  def moved(m):
+    shift = sum(removed.get(name, 0) for offset, name in segments[key(m)] if offset < m.offset)
+    return m._replace(offset=m.offset - shift) if shift else m
+
+  groups = []
+  for g in spec.groups:
+    size = counts[g.name][1] if g.size is not None and g.name in counts else g.size
+    groups.append(dataclasses.replace(g, producers=tuple(map(moved, g.producers)),
+                                      consumers=tuple(map(moved, g.consumers)), size=size))
+  return Spec(tuple(groups), spec.batchnorms)
+
+
 def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = None) -> dict[str, int]:
   """``{group name: neuron count}``: pass as ``widths=`` to a zoo model to rebuild it at this size.
 
-  With a ``plan`` (of :func:`ifjax.plan`), ``variables`` are the ones the spec
-  describes and the result is the widths *after* ``apply_plan``; use this form
-  when groups are segments of shared axes (option-A ResNets), whose pruned sizes
-  the pruned arrays alone do not determine.
+  With a ``plan`` (of :func:`ifjax.plan`), the result is the widths *after* ``apply_plan``; ``variables``
+  may be either the ones the plan was made for or the pruned ones ``apply_plan`` returned (checked against
+  the plan's pruned spec, see :meth:`ifjax.Plan.spec`). Use this form when groups are segments of shared axes
+  (option-A ResNets), whose pruned sizes the pruned arrays alone do not determine. ``plan.widths()`` gives
+  the same without any variables.
 
   Without a plan, pruned ``variables`` of a spec with segment groups work too:
   each shared axis is the sum of its segments, and segments that the shapes
@@ -478,12 +513,44 @@ def widths(variables: Variables, spec: Spec, plan: Mapping[str, Any] | None = No
   This form assumes, as the zoo's hand specs do, that a group with ``size=``
   owning an axis owns all of it and that segments tile the axes they share.
   """
-  if plan is None and any(g.size is not None for g in spec.groups):
-    return _segment_widths(variables, spec)
-  sizes = spec.validate(variables)
-  for name, gp in (plan or {}).items():
-    sizes[name] = gp.m
-  return sizes
+  if plan is None:
+    return _segment_widths(variables, spec) if any(g.size is not None for g in spec.groups) else \
+        spec.validate(variables)
+  return pruned_widths(variables, spec, plan)[1]
+
+
+def pruned_widths(variables: Variables, spec: Spec, plan: Mapping[str, Any]) -> tuple[str, dict[str, int]]:
+  """``("before" or "after", widths after the plan)``: :func:`widths` with a plan, and which variables it got,
+  the ones the plan was made for (``"before"``) or the pruned ones of ``apply_plan`` (``"after"``)."""
+  if not isinstance(plan, Mapping):
+    raise ArgumentTypeError(f"plan must be a dict {{group name: GroupPlan}} (of ifjax.plan), got {type(plan).__name__}")
+  if not isinstance(spec, Spec):
+    raise ArgumentTypeError(f"spec must be an ifjax.Spec, got {type(spec).__name__}")
+  counts = {}
+  for name, gp in plan.items():
+    if not (hasattr(gp, "n") and hasattr(gp, "m")):
+      raise ArgumentTypeError(f"plan[{name!r}] must be a GroupPlan, got {type(gp).__name__}")
+    counts[name] = (gp.n, gp.m)
+  pruned = resized_spec(spec, counts, {p: np.ndim(a) for p, a in flatten(variables).items()})
+  try:
+    sizes = spec.validate(variables)
+    before = "; ".join(f"group {k!r} has {sizes[k]} neurons, the plan's {n}" for k, (n, _) in counts.items()
+                       if sizes[k] != n)
+  except ValueError as e:
+    before = str(e)
+  if not before:
+    return "before", {**sizes, **{k: m for k, (_, m) in counts.items()}}
+  try:
+    sizes = pruned.validate(variables)
+    after = "; ".join(f"group {k!r} has {sizes[k]} neurons, the plan keeps {m}" for k, (_, m) in counts.items()
+                      if sizes[k] != m)
+  except ValueError as e:
+    after = str(e)
+  if not after:
+    return "after", sizes
+  raise ValueError("widths(variables, spec, plan): the variables are neither the ones the plan was made for "
+                   f"(with spec: {before}) nor the pruned ones apply_plan(variables, spec, plan) returns (with the "
+                   f"plan's pruned spec, plan.spec(): {after}); pass one of those, or use plan.widths()")
 
 
 def _segment_widths(variables: Variables, spec: Spec) -> dict[str, int]:

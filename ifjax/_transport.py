@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ifjax._errors import ArgumentTypeError
 from ifjax._spec import array_module
 
 # n * m * d at or below which the cost is computed by SciPy on the host (no XLA compilation); above it, by
@@ -52,8 +53,10 @@ class Transport(NamedTuple):
 def check_p(p) -> float:
   """``p`` of the p-norm cost as a float; ValueError unless it is a real number with 0 < p <= inf."""
   if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= math.inf:
-    raise ValueError(f"p must be a number with 0 < p <= inf (the cost is the distance ||x - y||_p; p = inf: the "
-                     f"largest difference), got {p!r}")
+    wrong_type = isinstance(p, bool) or not isinstance(p, numbers.Real)  # a TypeError, and a ValueError as before
+    raise (ArgumentTypeError if wrong_type else ValueError)(
+        f"p must be a number with 0 < p <= inf (the cost is the distance ||x - y||_p; p = inf: the largest "
+        f"difference), got {p!r}")
   return float(p)
 
 
@@ -64,7 +67,9 @@ def check_sinkhorn(epsilon, threshold, max_iterations) -> None:
   """
   for name, v in (("epsilon", epsilon), ("threshold", threshold)):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
-      raise ValueError(f"Sinkhorn {name} must be a finite number > 0, got {v!r}")
+      wrong_type = isinstance(v, bool) or not isinstance(v, numbers.Real)
+      raise (ArgumentTypeError if wrong_type else ValueError)(
+          f"Sinkhorn {name} must be a finite number > 0, got {v!r}")
   if isinstance(max_iterations, bool) or not isinstance(max_iterations, numbers.Integral) or max_iterations < 1:
     raise ValueError(f"Sinkhorn max_iterations must be a positive int, got {max_iterations!r}")
 

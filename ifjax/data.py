@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ifjax._errors import IfjaxError
+
 __all__ = [
     "CIFAR10_CLASSES",
     "MODEL_PREPROCESS",
@@ -83,7 +85,7 @@ _SOURCES = {
 }
 
 
-class DataMissingError(FileNotFoundError):
+class DataMissingError(IfjaxError, FileNotFoundError):
   """A data file is absent; the message says which file is expected where and where it comes from."""
 
 

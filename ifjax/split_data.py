@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ifjax import finetune, train
+from ifjax._errors import IfjaxError
 from ifjax._modelfusion import fuse_models
 from ifjax._scalars import python_scalar
 
@@ -39,7 +40,7 @@ class SplitResult(NamedTuple):
   history: dict[str, Any]
 
 
-class SplitDataError(ValueError):
+class SplitDataError(IfjaxError, ValueError):
   """Bad Split-Data input: a fold count that does not divide the data, an odd k, ..."""
 
 

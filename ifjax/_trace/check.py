@@ -9,10 +9,11 @@ import jax
 import numpy as np
 
 from ifjax._batchnorm import derived_bn, fold_batchnorm
+from ifjax._errors import IfjaxError
 from ifjax._spec import Group, Member, Spec, flatten, on_host, unflatten
 
 
-class SpecCheckError(ValueError):
+class SpecCheckError(IfjaxError, ValueError):
   """A group of the spec is not a set of interchangeable neurons of the model."""
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from ifjax._errors import IfjaxError
+
 Seg = tuple[int, int, int, int]  # (start on the axis, length, class id, offset inside the class)
 
 
-class UnsupportedPrimitiveError(NotImplementedError):
+class UnsupportedPrimitiveError(IfjaxError, NotImplementedError):
   """A primitive the tracer has no rule for touches a channel axis of some parameter."""
 
 
