@@ -281,6 +281,20 @@ _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and"
 _WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
 
 
+def _order_dependent(name: str, p, ndim: int) -> list[tuple[int, str]]:
+  """``(axis, what the primitive does to it)`` for the axes of an element-wise-shaped primitive whose result depends
+  on the order of the entries along them in a way a shrunk axis cannot follow: a reversal, a sort (argsort too: it
+  is a sort of an iota along), a backwards cumulative product / max / min / log-sum-exp (zeros at the end of a
+  shrunk axis then come first). A forwards one and any cumulative sum see the zeros last or add nothing."""
+  if name == "rev":
+    return [(k % ndim, "reverses") for k in p["dimensions"]]
+  if name == "sort":
+    return [(p["dimension"] % ndim, "sorts along")]
+  if name in ("cumprod", "cummax", "cummin", "cumlogsumexp") and p.get("reverse"):
+    return [(p["axis"] % ndim, f"accumulates ({name}) backwards along")]
+  return []
+
+
 def _shape(v) -> tuple[int, ...]:
   return tuple(getattr(v.aval, "shape", ()))
 
@@ -349,6 +363,10 @@ class _Builder:
           for a, b in zip(nodes, outs[0]):
             if d.orig[a] == d.orig[b]:
               u(a, b)
+      for k, what in _order_dependent(name, p, len(outs[0])):
+        d.pin_orig(outs[0][k], f"{ctx}: {what} axis {k}, which resize can only keep at its original size (a pruned "
+                   "axis holds the kept channels first and the zero-padded model zeros after them, so reordering "
+                   "it no longer lines up with the next layer's weights)")
     elif name in _CALLS:
       sub = next(p[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in p)
       inner = getattr(sub, "jaxpr", sub)
