@@ -26,18 +26,15 @@ import optax
 from tqdm.auto import tqdm
 
 import ifjax
+from ifjax import data
 
 import _report
 
 
-def load_digits(seed: int = 0):
-  """Returns (x_train, y_train, x_test, y_test); images (N, 8, 8, 1) scaled to [0, 1]."""
-  from sklearn.datasets import load_digits as sk_digits
-  from sklearn.model_selection import train_test_split
-
-  d = sk_digits()
-  x = (d.images / 16.0).astype(np.float32)[..., None]
-  return train_test_split(x, d.target.astype(np.int32), test_size=0.25, random_state=seed, stratify=d.target)
+def load_digits():
+  """Returns (x_train, x_test, y_train, y_test): ``ifjax.data.digits`` (1,347 / 450 images), scaled to [0, 1]."""
+  (xtr, ytr), (xte, yte) = data.digits("train"), data.digits("test")
+  return data.preprocess("digits_cnn", xtr), data.preprocess("digits_cnn", xte), ytr, yte
 
 
 def train(x, y, *, epochs: int, seed: int, batch: int = 64):
@@ -96,7 +93,7 @@ def main(argv=None):
   if args.save_weights and not args.train:
     ap.error("--save-weights needs --train (the shipped weights are already saved)")
 
-  xtr, xte, ytr, yte = load_digits(0)
+  xtr, xte, ytr, yte = load_digits()
   t0 = time.perf_counter()
   if args.train:
     if not args.all_cores:

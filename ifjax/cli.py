@@ -48,7 +48,7 @@ class CliError(Exception):
 
 EXPERIMENTS = {"data-free": "data_free.py", "fine-tune": "fine_tune.py", "split-data": "split_data.py",
                "budget": "budget.py", "train-cifar": "train_cifar.py", "digits": "digits.py"}
-DATASETS = ("cifar10-test", "cifar10-train", "cifar10-lossless", "mnist-test", "imagenet-sample")
+DATASETS = ("cifar10-test", "cifar10-train", "cifar10-lossless", "mnist-test", "imagenet-sample", "digits-test")
 _HEADS = {"mlp": "head", "lenet5": "linear2"}  # the zoo's classifier layer where it is not "fc"
 
 _EXIT_CODES = """exit codes:
@@ -63,7 +63,8 @@ _MAIN_EPILOG = f"""examples:
   ifjax trace mypackage.nets:make_net --input-shape 1,32,32,3 --kwarg train=False
   ifjax experiment data-free --model resnet20 --out results/resnet20_l1
 
-Data and weights are read from $IFJAX_DATA (default <repo root>/../shared/data).
+Data and weights are read from $IFJAX_DATA (default: a source checkout's ../shared/data, else
+~/.local/share/ifjax); the digits_cnn weights ship with ifjax.
 Run 'ifjax COMMAND --help' for a command's options.
 
 {_EXIT_CODES}"""
@@ -149,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                      f"  ifjax eval lenet5 --data mnist-test\n\n{_EXIT_CODES}")
   p.add_argument("source", help="checkpoint directory, weights file, or zoo model name")
   p.add_argument("--model", help="zoo model of the checkpoint (default: the zoo model whose spec it holds)")
-  p.add_argument("--data", choices=DATASETS, help="test set (default: the model's: cifar10-test, mnist-test or "
-                 "imagenet-sample)")
+  p.add_argument("--data", choices=DATASETS, help="test set (default: the model's: cifar10-test, mnist-test, "
+                 "imagenet-sample or digits-test)")
   p.add_argument("--limit", type=int, help="first N images (CIFAR-10: a multiple of 10, class-balanced)")
   p.add_argument("--batch-size", type=int, default=500)
   p.set_defaults(run=_eval)
@@ -202,11 +203,19 @@ def _prune(args) -> int:
     if value is not None and not ((0 <= value if low_ok else 0 < value) and value < 1):
       raise CliError(ExitCode.BAD_RATIO, f"{flag} must be in {'[0' if low_ok else '(0'}, 1), got {value}")
   _check_model(args.model)
-  if args.out.exists():
-    raise CliError(ExitCode.USAGE, f"--out {args.out} exists; checkpoints are never overwritten, pick a new path")
+  _check_new_path("--out", args.out, "checkpoints are never overwritten")
   groups, protect = _group_keys(args.groups), _group_keys(args.protect)
 
   module, spec, variables = _load(args.model, args.checkpoint)
+  if args.ratio is not None:  # a ratio that leaves a group empty is a bad ratio, not a usage error
+    try:
+      sizes = {g.name: spec.validate(variables)[g.name] for g in spec.select(groups)}
+    except ValueError as e:
+      raise CliError(ExitCode.USAGE, str(e)) from None
+    empty = [f"{g} ({n} neurons)" for g, n in sizes.items() if ifjax.kept_count(n, args.ratio) < 1]
+    if empty:
+      raise CliError(ExitCode.BAD_RATIO, f"--ratio {args.ratio} keeps no neuron of {', '.join(empty)}; at least one "
+                     "must remain")
   dense_params = ifjax.param_count(variables)
   alloc = None
   if args.synthetic_bn < 0 or args.synthetic_bn == 1:
@@ -240,7 +249,10 @@ def _prune(args) -> int:
       batches = [inputs[i:i + 128] for i in range(0, len(inputs), 128)]
       small = ifjax.recalibrate_batchnorm(_train_apply(small_module), small, variables, spec, pl, batches)
     stage("saving")
-    path = ifjax.save(args.out, small, small_spec, widths)
+    try:
+      path = ifjax.save(args.out, small, small_spec, widths)
+    except (OSError, ValueError) as e:  # checked up front; a disk that filled or a folder that went meanwhile
+      raise CliError(ExitCode.USAGE, f"--out {args.out}: cannot write the checkpoint: {e}") from None
   dense_widths = spec.validate(variables)
   changed = [f"{g} {dense_widths[g]}->{w}" for g, w in widths.items() if w != dense_widths[g]]
   print(f"{args.model} {'Intra-Fusion (' + args.normalization + ')' if args.method == 'if' else 'default pruning'}: "
@@ -286,6 +298,17 @@ def _allocate(args, module, spec, variables, groups, protect, inputs, opts):
   except ValueError as e:
     code = ExitCode.BAD_RATIO if "budget" in str(e) else ExitCode.USAGE
     raise CliError(code, str(e)) from None
+
+
+def _check_new_path(flag: str, path: Path, why: str):
+  """Before any work: ``path`` does not exist and its folder exists and is writable."""
+  if path.exists():
+    raise CliError(ExitCode.USAGE, f"{flag} {path} exists; {why}: pick a new path")
+  parent = path.absolute().parent
+  if not parent.is_dir():
+    raise CliError(ExitCode.USAGE, f"{flag} {path}: the folder {parent} does not exist")
+  if not os.access(parent, os.W_OK):
+    raise CliError(ExitCode.USAGE, f"{flag} {path}: the folder {parent} is not writable")
 
 
 def _group_keys(tokens) -> list[str | int] | None:
@@ -347,7 +370,7 @@ def _test_set(name: str, which: str | None, limit: int | None):
 
   kind = data.MODEL_PREPROCESS.get(name)
   which = which or {"cifar_resnet": "cifar10-test", "lenet5": "mnist-test",
-                    "efficientnet_lite0": "imagenet-sample"}.get(kind)
+                    "efficientnet_lite0": "imagenet-sample", "digits": "digits-test"}.get(kind)
   if which is None:
     raise CliError(ExitCode.USAGE, f"no default test set for {name}: pass --data ({', '.join(DATASETS)})")
   if limit is not None and limit < 1:
@@ -357,7 +380,7 @@ def _test_set(name: str, which: str | None, limit: int | None):
       x, y = data.cifar10_jpeg(which.split("-")[1], limit=limit)
     else:
       x, y = {"cifar10-lossless": data.cifar10_lossless, "mnist-test": data.mnist_test,
-              "imagenet-sample": data.imagenet_sample}[which]()
+              "imagenet-sample": data.imagenet_sample, "digits-test": data.digits}[which]()
       x, y = x[:limit], y[:limit]
     return data.preprocess(name, x), y, which
   except data.DataMissingError as e:
@@ -396,12 +419,16 @@ def _load(name: str, checkpoint: Path | None):
     return _fit_module(name, variables, spec, widths, checkpoint), spec, variables
   if checkpoint is not None and not checkpoint.exists():
     raise CliError(ExitCode.BAD_CHECKPOINT, f"--checkpoint {checkpoint}: no such file or directory")
-  try:
-    ifjax.models.torch_keys(name)
-  except ValueError:
-    what = "a PyTorch file for it" if checkpoint is not None else "public weights"
-    raise CliError(ExitCode.USAGE, f"{name} has no {what} (only {', '.join(_torch_models())}): pass --checkpoint "
-                   "DIR, an ifjax.save directory (e.g. from 'ifjax experiment train-cifar')") from None
+  if checkpoint is None and name not in ifjax.models.pretrained_names():
+    raise CliError(ExitCode.USAGE, f"{name} has no public weights (only {', '.join(ifjax.models.pretrained_names())})"
+                   ": pass --checkpoint DIR, an ifjax.save directory (e.g. from 'ifjax experiment train-cifar')")
+  if checkpoint is not None and checkpoint.suffix != ".npz":
+    try:
+      ifjax.models.torch_keys(name)
+    except ValueError:
+      raise CliError(ExitCode.USAGE, f"{name} has no PyTorch key map (only {', '.join(_torch_models())}): pass "
+                     "--checkpoint DIR, an ifjax.save directory, or a .npz of Flax arrays keyed by variable path") \
+          from None
   try:
     return ifjax.models.pretrained(name, checkpoint)
   except ifjax.CheckpointError as e:
@@ -492,6 +519,8 @@ class _stages:
 def _trace(args) -> int:
   import ifjax
 
+  if args.save_spec is not None:
+    _check_new_path("--save-spec", args.save_spec, "spec files are never overwritten")
   apply_fn, variables, example_args, example_kwargs = _factory(args)
   try:
     spec = ifjax.trace_spec(apply_fn, variables, *example_args, **example_kwargs)
@@ -518,7 +547,11 @@ def _trace(args) -> int:
   if report:
     print(f"check_spec: every group passed ({'permutation and scaling' if args.scaling else 'permutation'})")
   if args.save_spec is not None:
-    args.save_spec.write_text(spec.to_json())
+    try:
+      with open(args.save_spec, "x") as f:  # "x": never overwrite, even a file made meanwhile
+        f.write(spec.to_json())
+    except OSError as e:
+      raise CliError(ExitCode.USAGE, f"--save-spec {args.save_spec}: cannot write it: {e}") from None
     print(f"wrote {args.save_spec}")
   return ExitCode.OK
 

@@ -40,6 +40,7 @@ __all__ = [
     "cifar10_jpeg",
     "cifar10_lossless",
     "data_dir",
+    "digits",
     "imagenet_sample",
     "mnist_test",
     "preprocess",
@@ -50,8 +51,10 @@ __all__ = [
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# key -> mean and std per channel (applied to x / 255) and the expected image shape (H, W, C)
+# key -> mean and std per channel (applied to x / scale; scale 255 unless given) and the image shape (H, W, C)
 PREPROCESS: dict[str, dict] = {
+    # scikit-learn's 8x8 digits: pixels 0-16, the main job's DigitsCNN takes x / 16
+    "digits": dict(mean=(0.0,), std=(1.0,), shape=(8, 8, 1), scale=16.0),
     # akamaster CIFAR ResNets: the upstream test transform is ToTensor + Normalize(ImageNet mean/std)
     "cifar_resnet": dict(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, shape=(32, 32, 3)),
     # advertorch LeNet5: ToTensor only (x / 255)
@@ -67,6 +70,7 @@ MODEL_PREPROCESS: dict[str, str] = {
     **{f"resnet{d}": "cifar_resnet" for d in (20, 32, 44, 56, 110)},
     "lenet5": "lenet5",
     "efficientnet_lite0": "efficientnet_lite0",
+    "digits_cnn": "digits",
     # the paper's CIFAR VGG11-BN and ResNet18: the authors normalise CIFAR with the ImageNet constants too
     "vgg11_bn": "cifar_resnet",
     "resnet18": "cifar_resnet",
@@ -90,9 +94,16 @@ class DataMissingError(IfjaxError, FileNotFoundError):
 
 
 def data_dir() -> Path:
-  """``$IFJAX_DATA`` if set, else ``<repo root>/../shared/data`` (repo root = parent of the package)."""
+  """Where data sets and pretrained weights are read: ``$IFJAX_DATA`` if set; else, when ifjax runs from a
+  source checkout (an editable install) with a ``../shared/data`` folder beside it, that folder; else the user
+  data directory, ``$XDG_DATA_HOME/ifjax`` (default ``~/.local/share/ifjax``)."""
   env = os.environ.get("IFJAX_DATA")
-  return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+  if env:
+    return Path(env)
+  root = Path(__file__).resolve().parent.parent
+  if (root / "pyproject.toml").is_file() and (root.parent / "shared" / "data").is_dir():
+    return root.parent / "shared" / "data"
+  return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "ifjax"
 
 
 def cache_dir() -> Path:
@@ -107,7 +118,7 @@ def _require(rel: str) -> Path:
   if not path.exists():
     raise DataMissingError(
         f"expected {path}: {_SOURCES[rel.split('/')[0]]} (see README.md of the data directory); not found. "
-        f"Set IFJAX_DATA to the directory that holds {rel!r} (default <repo root>/../shared/data)")
+        f"Put it there, or set IFJAX_DATA to the directory that holds {rel!r} (see ifjax.data.data_dir)")
   return path
 
 
@@ -255,6 +266,24 @@ def _idx(path: Path, magic: int, dims: tuple[int, ...]) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=head).reshape(count, *dims)
 
 
+def digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8x8 digits (1,797 real images, shipped with scikit-learn; nothing is downloaded), split as
+  the main job splits them (stratified, ``random_state=0``): 1,347 ``"train"`` / 450 ``"test"`` images, uint8
+  (N, 8, 8, 1) with pixels 0-16, labels int32 (N,). Needs scikit-learn (``pip install 'ifjax[demo]'``)."""
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  try:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+  except ImportError:
+    raise DataMissingError("the digits data set ships with scikit-learn, which is not installed: "
+                           "pip install scikit-learn (or ifjax[demo])") from None
+  d = load_digits()
+  parts = train_test_split(d.images.astype(np.uint8)[..., None], d.target.astype(np.int32), test_size=0.25,
+                           random_state=0, stratify=d.target)
+  return (parts[0], parts[2]) if split == "train" else (parts[1], parts[3])
+
+
 def mnist_test() -> tuple[np.ndarray, np.ndarray]:
   """MNIST test split from ``mnist/``: images uint8 (10000, 28, 28, 1) (0 = background), labels int32 (10000,)."""
   images_path = _require("mnist/t10k-images-idx3-ubyte.gz")
@@ -312,14 +341,15 @@ def imagenet_sample(limit: int | None = None, size: int = 224, resize: int = 256
   return load(limit)
 
 
-def preprocess(model: str | None, images, *, mean=None, std=None, scale: float = 255.0) -> np.ndarray:
+def preprocess(model: str | None, images, *, mean=None, std=None, scale: float | None = None) -> np.ndarray:
   """float32 (N, H, W, C) input for ``model``: ``(images / scale - mean) / std``.
 
   ``model`` is a zoo name of :data:`MODEL_PREPROCESS` or a key of :data:`PREPROCESS` (its image shape is
   checked and it gives the default ``mean`` and ``std``), or None (any NHWC shape; mean 0, std 1). ``images``
   are uint8 (or float in [0, 255]) NHWC. ``mean`` and ``std``: one value or one per channel, overriding the
-  model's. ``scale``: the divisor of the raw pixels, 255 by default; a model that takes raw 0-255 pixels
-  uses ``scale=1`` (with ``mean=0, std=1``, or its own constants in pixel units).
+  model's. ``scale``: the divisor of the raw pixels, by default the model's (255 but for ``digits``, whose
+  pixels are 0-16); a model that takes raw 0-255 pixels uses ``scale=1`` (with ``mean=0, std=1``, or its own
+  constants in pixel units).
 
   >>> preprocess(None, np.full((1, 2, 2, 3), 255, np.uint8), scale=1)[0, 0, 0].tolist()
   [255.0, 255.0, 255.0]
@@ -341,6 +371,7 @@ def preprocess(model: str | None, images, *, mean=None, std=None, scale: float =
     if x.size and not (np.all(x >= 0) and np.all(x <= 255)):
       raise ValueError(f"{name} expects float images in [0, 255], got values in [{x.min()}, {x.max()}]")
   mean, std = (v.astype(np.float32) for v in _constants(cfg, mean, std, x.shape[-1]))
+  scale = cfg.get("scale", 255.0) if scale is None else scale
   if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not 0 < scale < np.inf:
     raise ValueError(f"scale must be a finite number > 0 (images are divided by it), got {scale!r}")
   return ((x.astype(np.float32) / np.float32(scale) - mean) / std).astype(np.float32)

@@ -228,12 +228,26 @@ def test_trace_of_an_unsupported_op_exits_7():
   assert res.stderr.startswith("ifjax trace: error: ") and "Traceback" not in res.stderr
 
 
+def test_prune_and_eval_the_shipped_digits_cnn(tmp_path):
+  """No data folder at all: the weights ship with ifjax and the test digits with scikit-learn; the CLI's
+  accuracy is the main job's (all groups at 0.5, IF paper: 59.33%)."""
+  env = {"IFJAX_DATA": str(tmp_path / "empty")}
+  res = run_cli("prune", "--model", "digits_cnn", "--ratio", "0.5", "--out", tmp_path / "d50", env=env)
+  assert res.returncode == 0, res.stderr
+  assert "conv0 32->16, conv1 64->32, conv2 128->64" in res.stdout
+  res = run_cli("eval", tmp_path / "d50", env=env)
+  assert res.returncode == 0, res.stderr
+  assert accuracy_line(res.stdout) == (267, 450) and "digits-test" in res.stdout
+  assert main(["eval", "digits_cnn"]) == 0
+
+
 # -- errors: one line, a distinct exit code ------------------------------------------------------------
 # One case per exit code runs as a real subprocess; the other cases run in-process through main(), which is the
 # same code path without another ~1 s of imports each.
 CASES = ["usage", "not-a-number", "ratio-1", "ratio-negative", "flops-0", "unknown-model", "unknown-model-eval",
          "out-exists", "no-weights", "missing-weights", "not-a-checkpoint", "garbage-torch-file", "no-such-checkpoint",
-         "bad-factory", "no-input-shape", "no-module", "not-homogeneous", "no-experiments", "missing-images"]
+         "bad-factory", "no-input-shape", "no-module", "not-homogeneous", "no-experiments", "missing-images",
+         "ratio-empties-a-group", "out-folder-missing", "spec-exists", "spec-folder-missing"]
 ARGPARSE = {"usage", "not-a-number"}  # argparse prints the usage before its one-line message
 SUBPROCESS = {"usage", "ratio-1", "unknown-model", "missing-weights", "not-a-checkpoint", "no-experiments"}
 
@@ -278,6 +292,15 @@ def _error_cases(tmp: Path) -> list[tuple[str, list, dict, int, list[str]]]:
        ExitCode.SPEC_FAILED, ["check_spec rejects", "group 'hidden'", "scaling"]),
       ("no-experiments", ["experiment", "budget", "--out", tmp / "b"], {"IFJAX_EXPERIMENTS": str(tmp / "none")},
        ExitCode.NO_EXPERIMENTS, ["no budget.py in", "IFJAX_EXPERIMENTS"]),
+      # the shipped digits CNN: no data folder needed
+      ("ratio-empties-a-group", ["prune", "--model", "digits_cnn", "--ratio", "0.99", *out], {}, ExitCode.BAD_RATIO,
+       ["--ratio 0.99 keeps no neuron of conv0 (32 neurons)"]),
+      ("out-folder-missing", ["prune", "--model", "digits_cnn", "--ratio", "0.5", "--out", tmp / "no" / "dir"], {},
+       ExitCode.USAGE, ["--out", "does not exist"]),
+      ("spec-exists", ["trace", f"{HELPERS}:linen_net", "--input-shape", "2,8,8,3", "--save-spec",
+                       tmp / "exists"], {}, ExitCode.USAGE, ["--save-spec", "exists", "never overwritten"]),
+      ("spec-folder-missing", ["trace", f"{HELPERS}:linen_net", "--input-shape", "2,8,8,3", "--save-spec",
+                               tmp / "no" / "spec.json"], {}, ExitCode.USAGE, ["--save-spec", "does not exist"]),
   ]
   weights = ifjax.models.checkpoint_path("resnet20")
   if weights.is_file():  # the weights load, the test images are missing

@@ -31,8 +31,22 @@ def _cache(monkeypatch, session_cache):
 
 
 def test_data_dir_default_and_env(monkeypatch, tmp_path):
+  """$IFJAX_DATA; else a source checkout's ../shared/data where it exists; else the user data directory (an
+  installed wheel never looks beside site-packages)."""
   monkeypatch.delenv("IFJAX_DATA", raising=False)
-  assert data.data_dir() == Path(data.__file__).resolve().parent.parent.parent / "shared" / "data"
+  monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+  shared = Path(data.__file__).resolve().parent.parent.parent / "shared" / "data"
+  assert data.data_dir() == (shared if shared.is_dir() else tmp_path / "xdg" / "ifjax")
+  checkout = tmp_path / "clone"  # a source checkout with ../shared/data beside it
+  (checkout / "ifjax").mkdir(parents=True)
+  (checkout / "pyproject.toml").touch()
+  (tmp_path / "shared" / "data").mkdir(parents=True)
+  monkeypatch.setattr(data, "__file__", str(checkout / "ifjax" / "data.py"))
+  assert data.data_dir() == tmp_path / "shared" / "data"
+  (checkout / "pyproject.toml").unlink()  # site-packages: no pyproject.toml beside the package
+  assert data.data_dir() == tmp_path / "xdg" / "ifjax"
+  monkeypatch.delenv("XDG_DATA_HOME")
+  assert data.data_dir() == Path.home() / ".local" / "share" / "ifjax"
   monkeypatch.setenv("IFJAX_DATA", str(tmp_path))
   assert data.data_dir() == tmp_path
   monkeypatch.setenv("IFJAX_CACHE", str(tmp_path / "c"))

@@ -126,3 +126,16 @@ def test_budget_script_measured_allocations(tmp_path):
   assert (tmp_path / "c" / "curves_default_recal_internal_calib20.json").exists()
   with pytest.raises(SystemExit):
     budget.main(common + ["--modes", "free", "light", "--measure-on", "calib", "--out", str(tmp_path / "e")])
+
+
+def test_main_job_prints_the_readme_table(capsys):
+  """README command 1 prints exactly the table the README shows: the weights ship with ifjax, so the table
+  depends on no training run (CI runs this test again under XLA's AVX2 cap and OpenBLAS's Haswell kernels)."""
+  import pathlib
+  import re
+
+  readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  blocks = [b for b in re.findall(r"^```[a-z]*\n(.*?)^```", readme, re.S | re.M) if b.startswith("loaded the DigitsCNN")]
+  assert len(blocks) == 1, "README.md should show the main job's output once, in a plain ``` block"
+  _script("digits").main([])
+  assert capsys.readouterr().out == blocks[0]

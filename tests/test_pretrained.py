@@ -125,7 +125,7 @@ def test_shipped_digits_cnn_prints_the_readme_table():
 
   module, spec, variables = ifjax.models.pretrained("digits_cnn")
   assert ifjax.models.checkpoint_path("digits_cnn").is_file()
-  _, x, _, y = digits.load_digits(0)
+  _, x, _, y = digits.load_digits()
 
   def correct(v):
     small, _ = ifjax.models.get("digits_cnn", widths=ifjax.widths(v, spec))

@@ -97,6 +97,11 @@ def checkpoint_path(name: str) -> Path:
   return Path(efficientnet_lite0_checkpoint())
 
 
+def pretrained_names() -> list[str]:
+  """The zoo models that :func:`pretrained` has weights for."""
+  return sorted(_PRETRAINED)
+
+
 def _pretrained_entry(name: str) -> tuple[str | None, int, tuple[int, ...]]:
   if name not in _PRETRAINED:
     raise ValueError(f"no pretrained weights for {name!r}; models with some: {sorted(_PRETRAINED)}")
@@ -134,4 +139,4 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
 
 
 __all__ = ["CifarResNet", "DigitsCNN", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN", "checkpoint_path",
-           "get", "names", "pretrained", "torch_keys"]
+           "get", "names", "pretrained", "pretrained_names", "torch_keys"]
