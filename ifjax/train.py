@@ -577,16 +577,18 @@ def _bar(show: bool, total: int | None, desc: str):
 
 
 def _checkpoint(directory, state: TrainState, history: list[dict], epoch: int, fingerprint: dict,
-                probe: list[float] | None = None):
+                probe: list[float] | None = None, unit: str = "epoch"):
+  """Saves ``<directory>/<unit>_<epoch>`` (``unit``: ``"epoch"`` for fit, ``"step"`` for distill)."""
   from ifjax import _save
-  _save.write_tree(Path(directory) / f"epoch_{epoch}", jax.device_get(state),
+  _save.write_tree(Path(directory) / f"{unit}_{epoch}", jax.device_get(state),
                    {"epoch": epoch, "history": history, "fingerprint": fingerprint, "optimizer": probe})
 
 
 def _resume(directory, state: TrainState, fingerprint: dict, probe: list[float] | None = None,
-            allow_optimizer_change: bool = False, epochs: int | None = None) -> tuple[TrainState, list[dict], int]:
+            allow_optimizer_change: bool = False, epochs: int | None = None,
+            unit: str = "epoch") -> tuple[TrainState, list[dict], int]:
   from ifjax import _save
-  path = _save.latest(directory, "epoch")
+  path = _save.latest(directory, unit)
   if path is None:
     return state, [], 0
   meta = _save._read_manifest(path)["meta"]  # checked before the arrays are read
@@ -604,8 +606,8 @@ def _resume(directory, state: TrainState, fingerprint: dict, probe: list[float] 
         "saved state with the new optimizer")
   saved_epoch = int(meta["epoch"])
   if epochs is not None and epochs < saved_epoch:
-    raise TrainingError(f"epochs={epochs}, but checkpoint_dir already holds epoch {saved_epoch} ({path}): a run of "
-                        f"{epochs} epochs cannot be resumed from there; pass epochs >= {saved_epoch} (epochs="
+    raise TrainingError(f"{unit}s={epochs}, but checkpoint_dir already holds {unit} {saved_epoch} ({path}): a run of "
+                        f"{epochs} {unit}s cannot be resumed from there; pass {unit}s >= {saved_epoch} ({unit}s="
                         f"{saved_epoch} returns the saved model) or use another checkpoint_dir")
   try:
     restored, meta = _save.read_tree(path, state)  # rebuilt into the TrainState structure
