@@ -284,7 +284,7 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   selected = [g.name for g in spec.select(groups) if g.name not in protected]
   if not selected:
     raise ValueError("allocate: every selected group is protected; nothing to prune")
-  full = plan(variables, spec, 0.0, groups=selected, importance=importance, fuse=False)
+  full = plan(variables, spec, 0.0, groups=selected, importance=importance, method="default")
   sizes = {g: p.n for g, p in full.items()}
   dense_widths = spec.validate(variables)
   kwargs = dict(example_kwargs or {})

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax import _importance, _transport
-from ifjax._batchnorm import derived_bn, folded_flat
+from ifjax import _importance, _merging, _transport
+from ifjax._batchnorm import derived_bn, folded_flat, input_statistics
 from ifjax._errors import ArgumentTypeError, IfjaxError
 from ifjax._scalars import ScalarTypeError, python_scalar
 from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, member_rows,
@@ -48,6 +48,8 @@ class GroupPlan(NamedTuple):
     converged: () bool solver flag (True for plain pruning).
     marginal_error: () float, max marginal violation of ``transport``.
     iterations: () int, Sinkhorn iterations (0 for exact / pruning).
+    producer_shift: (m,) constants added to the fused pre-activations (the data-free statistics repair,
+      ``repair="statistics"``), or None: nothing added.
   """
 
   keep: jax.Array | None
@@ -58,6 +60,7 @@ class GroupPlan(NamedTuple):
   converged: jax.Array
   marginal_error: jax.Array
   iterations: jax.Array
+  producer_shift: jax.Array | None = None
 
   @property
   def n(self) -> int:
@@ -163,9 +166,13 @@ def kept_count(n: int, ratio: float) -> int:
   return int(n * (1 - ratio))
 
 
+METHODS = ("if", "default", "neuron_merging", "model_folding")
+
+
 def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
-         importance: Any = "l1", fuse: bool = True,
-         solver: Literal["exact", "sinkhorn"] = "exact",
+         importance: Any = "l1", method: Literal["if", "default", "neuron_merging", "model_folding"] = "if",
+         merge_threshold: float | None = None, repair: Literal["none", "statistics"] | None = None,
+         fuse: bool | None = None, solver: Literal["exact", "sinkhorn"] = "exact",
          target: Literal["most_important", "cluster_centroid"] = "most_important",
          source_mass: Literal["uniform", "importance"] = "uniform",
          target_mass: Literal["uniform", "importance"] = "uniform",
@@ -174,7 +181,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
          epsilon: float = 1e-3, threshold: float = 1e-3, max_iterations: int = 10000,
          fallback: Literal["exact", "warn", "raise"] = "exact",
          seed: int = 0) -> Plan:
-  """Computes, per selected group, the keep set, importance and (if ``fuse``) the OT maps.
+  """Computes, per selected group, the keep set, importance and the maps of ``method``.
 
   Args:
     variables: Flax variables ``{"params": ..., "batch_stats": ...}``; not modified.
@@ -184,8 +191,23 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     groups: names or paper indices (0 = closest to the output); None = all.
     importance: "l1" | "l2" | "linf" | "lamp" | "random", a callable
       ``fn(folded_variables, group) -> (n,)``, or precomputed ``{group: (n,) scores}``.
-    fuse: False gives plain pruning (keep the m most important, drop the rest). Pruning-only groups
-      (``Group.exact`` False, e.g. channels under a LayerNorm) are always pruned this way.
+    method: how the m survivors stand in for the n neurons. ``"if"``: Intra-Fusion (OT maps, the options
+      below). ``"default"``: plain pruning (keep the m most important, drop the rest). ``"neuron_merging"``:
+      Neuron Merging (Kim et al., 2020): the kept neurons keep their weights and each pruned neuron whose
+      producer vector (folded weights and bias) has a cosine >= ``merge_threshold`` (default 0.1) with a kept
+      one is added to that neuron's consumer column, scaled by their norm ratio. ``"model_folding"``: Model
+      Folding (Wang et al., 2025): k-means clusters of the producer vectors (``seed``), producers averaged,
+      consumers summed, with ``repair="statistics"`` by default. Pruning-only groups (``Group.exact`` False,
+      e.g. channels under a LayerNorm) are always pruned. See :mod:`ifjax._merging`.
+    merge_threshold: with ``"if"``: only pairs of neurons whose cosine (of the OT feature vectors) is at
+      least this are merged; a pruned neuron with no such target is dropped. Default None: all merged.
+      With ``"neuron_merging"``: its cosine threshold.
+    repair: ``"statistics"``: data-free REPAIR of every merged channel of a group with one producer layer and
+      a BatchNorm: rescaled about its predicted mean to the deviation its sources had, from the BN statistics
+      and correlations estimated as the cosines of the folded producer rows (``GroupPlan.producer_shift``
+      holds the shift). ``"none"``: no repair. Default None: ``"statistics"`` for ``"model_folding"``,
+      ``"none"`` otherwise.
+    fuse: deprecated: ``fuse=False`` is ``method="default"``.
     solver: "exact" (POT EMD, the authors' solver) or "sinkhorn" (OTT-JAX).
     target: "most_important" (the kept neurons) or "cluster_centroid" (k-means
       centroids of the neuron vectors; the fused weights are still OT-weighted
@@ -231,24 +253,33 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
     array([[1., 0., 1., 0.],
            [0., 1., 0., 1.]], dtype=float32)
   """
-  return _plan(variables, spec, ratio, groups=groups, importance=importance, fuse=fuse, solver=solver, target=target,
+  return _plan(variables, spec, ratio, groups=groups, importance=importance, method=method,
+               merge_threshold=merge_threshold, repair=repair, fuse=fuse, solver=solver, target=target,
                source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p,
                include_bias=include_bias, epsilon=epsilon, threshold=threshold, max_iterations=max_iterations,
                fallback=fallback, seed=seed)[0]
 
 
 def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
-          importance: Any = "l1", fuse: bool = True, solver: str = "exact", target: str = "most_important",
+          importance: Any = "l1", method: str = "if", merge_threshold: float | None = None,
+          repair: str | None = None, fuse: bool | None = None, solver: str = "exact", target: str = "most_important",
           source_mass: str = "uniform", target_mass: str = "uniform", normalization: str = "paper",
           p: float = 1.0, include_bias: bool = False, epsilon: float = 1e-3, threshold: float = 1e-3,
           max_iterations: int = 10000, fallback: str = "exact", seed: int = 0) -> tuple[Plan, dict]:
   """:func:`plan`, and the BN-folded flat variables it planned on (for :func:`intra_fuse` / :func:`prune`,
   which apply the plan to them without folding and validating a second time)."""
   ratio = _scalar_ratios(ratio)  # jnp.float32(0.5) is the ratio 0.5
-  _check_types(variables, spec, ratio, importance=importance, fuse=fuse, solver=solver, target=target,
-               source_mass=source_mass, target_mass=target_mass, normalization=normalization,
-               include_bias=include_bias, fallback=fallback)
+  _check_types(variables, spec, ratio, importance=importance, fuse=True if fuse is None else fuse, solver=solver,
+               target=target, source_mass=source_mass, target_mass=target_mass, normalization=normalization,
+               include_bias=include_bias, fallback=fallback, method=method)
+  required = repair is not None  # model_folding's default repair skips a network without BatchNorms
+  method, merge_threshold, repair = _method_options(method, fuse, merge_threshold, repair, target)
+  fuse = method != "default"
   traced = is_traced(variables)
+  if traced and (method in ("neuron_merging", "model_folding") or merge_threshold is not None
+                 or repair != "none"):
+    raise ValueError(f"method={method!r}, merge_threshold and repair run on the host and cannot be traced; inside "
+                     "jax.jit use method='if' or 'default' without them")
   if traced and solver == "exact":
     raise ValueError("solver='exact' runs POT on the host and cannot be traced; inside jax.jit use "
                      "solver='sinkhorn'")
@@ -270,8 +301,9 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
   p = _transport.check_p(p)
   if solver == "sinkhorn":
     _transport.check_sinkhorn(epsilon, threshold, max_iterations)
-  if not fuse and target != "most_important":
-    raise ValueError("plain pruning (fuse=False) keeps neurons; target must be 'most_important'")
+  if method != "if" and target != "most_important":
+    raise ValueError(f"method={method!r} keeps neurons; target must be 'most_important' (cluster_centroid is "
+                     "Intra-Fusion's)")
 
   prepared = {}
   for g, r in ratios:
@@ -293,6 +325,11 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
             for name, (g, n, m, scores, keep) in prepared.items() if not fuse or not g.exact}
   if not fuse:
     return _as_plan(pruned, spec, sizes, flat), flat
+  if method != "if":
+    merged = {name: _merged_group(method, flat, spec, g, n, m, scores, keep, merge_threshold, seed, i)
+              for i, (name, (g, n, m, scores, keep)) in enumerate(prepared.items()) if name not in pruned}
+    merged = _repaired(merged, variables, spec, flat, repair, required)
+    return _as_plan({name: merged.get(name) or pruned[name] for name in prepared}, spec, sizes, flat), flat
 
   fused = [name for name in prepared if name not in pruned]  # pruning-only groups (Group.exact False) are done
   position = {name: i for i, name in enumerate(fused)}
@@ -357,9 +394,102 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
       else:
         warnings.warn(msg + "; keeping the unconverged plan", ConvergenceWarning, stacklevel=2)
     g, n, m, scores, keep = prepared[name]
-    out[name] = GroupPlan(keep, scores, t.matrix, *transport_maps(t.matrix, normalization), t.converged,
+    matrix = t.matrix
+    if merge_threshold is not None:
+      unit = _merging.unit_rows(neuron_vectors(flat, spec, g, n, include_bias))
+      matrix = _merging.thresholded_transport(np.asarray(matrix), unit, np.asarray(keep), merge_threshold)
+    out[name] = GroupPlan(keep, scores, matrix, *transport_maps(matrix, normalization), t.converged,
                           t.marginal_error, t.iterations)
+  out = _repaired(out, variables, spec, flat, repair, required)
   return _as_plan({name: out[name] if name in out else pruned[name] for name in prepared}, spec, sizes, flat), flat
+
+
+def _method_options(method: str, fuse: bool | None, merge_threshold: float | None, repair: str | None,
+                    target: str) -> tuple[str, float | None, str]:
+  """``(method, merge_threshold, repair)`` with the deprecated ``fuse`` resolved and the defaults filled in."""
+  _check_choice("method", method, METHODS)
+  if fuse is not None:
+    warnings.warn("fuse= is deprecated: use method='default' for plain pruning, method='if' for Intra-Fusion",
+                  DeprecationWarning, stacklevel=4)
+    if not fuse:
+      if method not in ("if", "default"):
+        raise ValueError(f"fuse=False (plain pruning) contradicts method={method!r}; give method alone")
+      method = "default"
+  if repair is None:
+    repair = "statistics" if method == "model_folding" else "none"
+  _check_choice("repair", repair, ("none", "statistics"))
+  if merge_threshold is not None:
+    merge_threshold = python_scalar(merge_threshold, "iuf", "merge_threshold")
+    if isinstance(merge_threshold, bool) or not isinstance(merge_threshold, (int, float)):
+      raise ArgumentTypeError(f"merge_threshold must be a number in [-1, 1] or None, got "
+                              f"{type(merge_threshold).__name__}")
+    if not -1 <= merge_threshold <= 1:
+      raise ValueError(f"merge_threshold is a cosine: it must be in [-1, 1], got {merge_threshold!r}")
+    if method not in ("if", "neuron_merging"):
+      raise ValueError(f"merge_threshold applies to method 'if' and 'neuron_merging', not {method!r}")
+    if method == "if" and target != "most_important":
+      raise ValueError("merge_threshold needs target='most_important' (the kept neurons are the targets)")
+  elif method == "neuron_merging":
+    merge_threshold = 0.1
+  if repair == "statistics" and method not in ("if", "model_folding"):
+    raise ValueError(f"repair='statistics' rescales merged producers; method {method!r} keeps its producers as "
+                     "they are")
+  return method, merge_threshold, repair
+
+
+def _producer_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int) -> np.ndarray:
+  """(n, d): each neuron's folded producer rows and biases (what the neuron computes from its input)."""
+  members = [m for m in group.producers if np.ndim(flat[m.path]) >= 2] + _bias_members(flat, spec, group)
+  return np.concatenate([np.asarray(member_rows(flat, m, n), np.float64) for m in members], axis=1)
+
+
+def _merged_group(method: str, flat, spec: Spec, g: Group, n: int, m: int, scores, keep, merge_threshold, seed: int,
+                  position: int) -> GroupPlan:
+  """The GroupPlan of ``"neuron_merging"`` or ``"model_folding"`` for one group (host)."""
+  v = _producer_vectors(flat, spec, g, n)
+  scores, keep = np.asarray(scores), np.asarray(keep)
+  if method == "neuron_merging":
+    producer, consumer = _merging.neuron_merging_maps(v, keep, merge_threshold)
+  else:
+    key = jax.random.fold_in(jax.random.key(seed), position)
+    labels = np.arange(n) if m == n else np.asarray(_transport.kmeans(v.astype(np.float32), m, key)[1])
+    keep, producer, consumer = _merging.folding_maps(v, labels, scores)
+    if len(keep) != m:
+      raise ValueError(f"group {g.name!r}: k-means found {len(keep)} clusters, not {m}")
+  return GroupPlan(keep.astype(np.int32), scores, None, producer, consumer, np.asarray(True),
+                   np.asarray(0.0, np.float32), np.asarray(0))
+
+
+def _repaired(plans: dict[str, GroupPlan], variables: Variables, spec: Spec, flat, repair: str,
+              required: bool) -> dict:
+  """``plans`` with :func:`ifjax._merging.repair_statistics` applied to each merged group that has one producer
+  layer with a BatchNorm (``repair="statistics"``); ValueError if none has and the repair was asked for."""
+  if repair == "none" or not plans:
+    return plans
+  statistics = input_statistics(variables, spec)
+  bn_of = {pair.layer: pair.bn for pair in spec.batchnorms}
+  out, repaired = dict(plans), 0
+  for name, gp in plans.items():
+    g = spec[name]
+    kernels = [m for m in g.producers if m.path.endswith("/kernel") and np.ndim(flat[m.path]) >= 2]
+    layers = {m.path[len("params/"):-len("/kernel")] for m in kernels}
+    if gp.producer_map is None or len(kernels) != 1 or len(layers) != 1:
+      continue
+    bn = bn_of.get(layers.pop())
+    if bn is None or f"batch_stats/{bn}/mean" not in statistics:
+      continue
+    k = kernels[0]
+    mean = statistics[f"batch_stats/{bn}/mean"][k.offset:k.offset + gp.n]
+    sd = statistics[f"batch_stats/{bn}/var"][k.offset:k.offset + gp.n]  # input_statistics keeps deviations there
+    unit = _merging.unit_rows(np.asarray(member_rows(flat, k, gp.n)))
+    scale, shift = _merging.repair_statistics(gp.producer_map, mean, sd, unit @ unit.T)
+    out[name] = gp._replace(producer_map=np.asarray(gp.producer_map, np.float32) * scale[:, None],
+                            producer_shift=shift)
+    repaired += 1
+  if not repaired and required:
+    raise ValueError("repair='statistics' needs a BatchNorm after the single producer layer of a merged group (its "
+                     "running statistics give the channels' means and deviations); none of the planned groups has one")
+  return out
 
 
 def _as_plan(groups: Mapping[str, GroupPlan], spec: Spec, sizes: Mapping[str, int], flat: Mapping[str, Any]) -> Plan:
@@ -444,11 +574,21 @@ def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Plan, keep_shapes: 
 
   def roles(g: Group):
     out = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
-    return out + [(m, "producer" if role == "shift" else "identity")
-                  for m, role in derived_bn(spec, g) if m.path in flat]
+    out += [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
+    return _with_shift_member(out, flat)
 
   out = unflatten(edit_members(flat, spec, plan, roles, keep_shapes))
   return out if traced else to_jax(out)
+
+
+def _with_shift_member(roles: list[tuple[Member, str]], flat: Mapping[str, Any]) -> list[tuple[Member, str]]:
+  """``roles`` with the last 1-d producer (the folded BN shift, else the layer's bias) marked
+  ``"producer+shift"``: the member that also takes a plan's ``producer_shift``."""
+  last = max((i for i, (m, role) in enumerate(roles) if role == "producer" and np.ndim(flat[m.path]) == 1),
+             default=None)
+  if last is None:
+    return roles
+  return [(m, "producer+shift" if i == last else role) for i, (m, role) in enumerate(roles)]
 
 
 def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_shapes: bool = False) -> dict:
@@ -507,7 +647,7 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
     elif gp.producer_map is None:
       pieces.append(seg[gp.keep])
     else:
-      mat = gp.producer_map if role == "producer" else gp.consumer_map
+      mat = gp.consumer_map if role == "consumer" else gp.producer_map
       if xp is np:
         if id(mat) not in pairs:  # the map is kept in the entry, so its id is not reused while cached
           pairs[id(mat)] = (mat, _unit_pairs(np.asarray(mat, np.float32)))
@@ -525,6 +665,8 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
           fused += np.float32(0)  # -0 -> +0, as a matmul accumulating from +0 gives
       else:
         fused = jnp.tensordot(mat, seg.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+      if role == "producer+shift" and gp.producer_shift is not None:
+        fused = fused + xp.asarray(gp.producer_shift, xp.float32).reshape((m,) + (1,) * (fused.ndim - 1))
       pieces.append(fused.astype(arr.dtype))
     if keep_shapes:
       pieces.append(xp.zeros((n - m, *x.shape[1:]), x.dtype))
@@ -623,7 +765,7 @@ def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     >>> ifjax.widths(small, spec)
     {'hidden': 2}
   """
-  pl, flat = _plan(variables, spec, ratio, groups=groups, importance=importance, fuse=False)
+  pl, flat = _plan(variables, spec, ratio, groups=groups, importance=importance, method="default")
   return _apply_folded(flat, spec, pl, False, is_traced(variables))
 
 
@@ -724,6 +866,9 @@ def _check_plan(variables: Variables, spec: Spec, plan: Plan) -> None:
     m = np.shape(gp.keep)[0] if gp.keep is not None else np.shape(gp.producer_map)[0]
     if not 1 <= m <= n:
       raise ValueError(f"{where}: it keeps {m} neurons, expected 1 to {n}")
+    if gp.producer_shift is not None and (gp.producer_map is None or np.shape(gp.producer_shift) != (m,)):
+      raise ValueError(f"{where}: producer_shift must be None or of shape ({m},) beside a producer_map, got "
+                       f"shape {np.shape(gp.producer_shift)}")
     for field in ("producer_map", "consumer_map"):
       if getattr(gp, field) is not None and np.shape(getattr(gp, field)) != (m, n):
         raise ValueError(f"{where}: {field} has shape {np.shape(getattr(gp, field))}, expected ({m}, {n}) "

@@ -85,7 +85,7 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
     recalibrate: re-estimate every BN's statistics on ``inputs`` before measuring, as
       :func:`ifjax.recalibrate_batchnorm` does (measure for a network whose BNs will be re-estimated);
       ``False`` measures the network as pruning or fusion leaves it (weights only).
-    **plan_kwargs: for :func:`ifjax.plan` (e.g. ``fuse=False`` for default pruning, ``normalization=``).
+    **plan_kwargs: for :func:`ifjax.plan` (e.g. ``method="default"`` for default pruning, ``normalization=``).
 
   Returns:
     :class:`SensitivityCurves` (losses in nats, averaged over the inputs).
@@ -144,7 +144,7 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
 
   selected = [g.name for g in spec.select(groups)]
   sizes = {g: group_size(flat, spec[g]) for g in selected}
-  full = plan(variables, spec, 0.0, groups=selected, fuse=False)
+  full = plan(variables, spec, 0.0, groups=selected, method="default")
   reference = logits(flatten(reset_batchnorm_affine(apply_plan(variables, spec, full), variables, spec, full))
                      if recalibrate else flatten(variables))
   from ifjax.train import _bar

@@ -24,7 +24,7 @@ from ifjax._fuse import GroupPlan, GroupSelection, Plan, Ratio, apply_plan, plan
 from ifjax._spec import Spec, Variables
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-METHODS = {"default": {"fuse": False}, "IF": {}}
+METHODS = {"default": {"method": "default"}, "IF": {}}
 
 
 # -- output preservation (digest §4.4, the paper's Fig. 5 and 8-14) ----------------------------------
@@ -49,8 +49,8 @@ def output_preservation(apply_fn: ApplyFn, variables: Variables, spec: Spec, rat
   """How far each pruning method moves the outputs: ``{(method, ratio): (N,) ℓ2 distances}`` between the
   pruned and the original logits on ``x`` (the paper's Fig. 5 prunes group 0 at 10, 20 and 30%).
 
-  ``methods`` maps a label to keyword arguments of :func:`ifjax.plan` (default: ``{"default": {"fuse":
-  False}, "IF": {}}``). The pruned models are ``apply_plan(..., keep_shapes=True)``, so ``apply_fn`` of the
+  ``methods`` maps a label to keyword arguments of :func:`ifjax.plan` (default: ``{"default": {"method":
+  "default"}, "IF": {}}``). The pruned models are ``apply_plan(..., keep_shapes=True)``, so ``apply_fn`` of the
   full-size model evaluates them all.
   """
   methods = METHODS if methods is None else methods
@@ -191,7 +191,7 @@ def pruned_triplet(variables: Variables, spec: Spec, ratio: Ratio, *, groups: Gr
   original is :func:`aligned_original`, so neuron j of every group is the same neuron in all three (IF's
   fused neuron j stands for kept neuron j). ``options`` go to :func:`ifjax.plan` for IF only.
   """
-  default = plan(variables, spec, ratio, groups=groups, importance=importance, fuse=False)
+  default = plan(variables, spec, ratio, groups=groups, importance=importance, method="default")
   fused = plan(variables, spec, ratio, groups=groups, importance=importance, **options)
   for name, gp in fused.items():
     if gp.keep is None or not np.array_equal(np.asarray(gp.keep), np.asarray(default[name].keep)):

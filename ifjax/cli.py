@@ -130,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                  "(global), or by BN-statistics sensitivity per unit of cost (sensitivity, data-free), or by the "
                  "measured change of the predictions on the --synthetic-bn inputs with each group pruned alone "
                  "(measured, data-free; needs --synthetic-bn)")
-  p.add_argument("--method", choices=("if", "default"), default="if",
-                 help="if: Intra-Fusion (optimal transport); default: keep the most important (default if)")
+  p.add_argument("--method", choices=("if", "default", "neuron_merging", "model_folding"), default="if",
+                 help="if: Intra-Fusion (optimal transport); default: keep the most important; neuron_merging: "
+                 "Neuron Merging (Kim et al., 2020); model_folding: Model Folding (Wang et al., 2025) (default if)")
+  p.add_argument("--merge-threshold", type=float, metavar="COS", help="if: merge only neurons at least this "
+                 "similar (cosine), prune the rest; neuron_merging: its threshold (default 0.1)")
+  p.add_argument("--repair", choices=("none", "statistics"), help="data-free repair of merged channels' "
+                 "statistics from the BNs (default: statistics for model_folding, none otherwise)")
   p.add_argument("--normalization", choices=("paper", "barycentric"), default="paper", help="Intra-Fusion's "
                  "normalization of the transport map (default paper)")
   p.add_argument("--importance", choices=sorted(ifjax.importance.BUILTIN), default="l1", help="default l1")
@@ -228,7 +233,11 @@ def _prune(args) -> int:
       stage("synthesizing inputs")
       inputs = ifjax.synthesize_inputs(_train_apply(module), variables, _input_shape(args.model, "--synthetic-bn"),
                                        count=args.synthetic_bn, steps=args.synthetic_steps, progress=False).inputs
-    opts = dict(fuse=False) if args.method == "default" else dict(normalization=args.normalization, solver=args.solver)
+    opts = dict(method=args.method, repair=args.repair)
+    if args.method == "if":
+      opts.update(normalization=args.normalization, solver=args.solver, merge_threshold=args.merge_threshold)
+    elif args.method == "neuron_merging":
+      opts.update(merge_threshold=args.merge_threshold)
     if args.ratio is not None:
       ratio = args.ratio
     else:
@@ -255,7 +264,9 @@ def _prune(args) -> int:
       raise CliError(ExitCode.USAGE, f"--out {args.out}: cannot write the checkpoint: {e}") from None
   dense_widths = spec.validate(variables)
   changed = [f"{g} {dense_widths[g]}->{w}" for g, w in widths.items() if w != dense_widths[g]]
-  print(f"{args.model} {'Intra-Fusion (' + args.normalization + ')' if args.method == 'if' else 'default pruning'}: "
+  title = {"if": f"Intra-Fusion ({args.normalization})", "default": "default pruning",
+           "neuron_merging": "Neuron Merging", "model_folding": "Model Folding"}[args.method]
+  print(f"{args.model} {title}: "
         f"{len(changed)} of {len(widths)} groups pruned, params {dense_params:,} -> {ifjax.param_count(small):,}")
   print(textwrap.fill(", ".join(changed) or "nothing removed", 110, initial_indent="  ", subsequent_indent="  "))
   if alloc is not None:

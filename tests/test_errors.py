@@ -197,10 +197,13 @@ def test_unknown_keyword_is_type_error():
 
 
 def test_plain_pruning_with_centroid_target():
-  with pytest.raises(ValueError, match="fuse=False.*most_important"):
-    ifjax.plan(_variables(), SPEC, 0.5, fuse=False, target="cluster_centroid")
-  with pytest.raises(ValueError, match="fuse=False.*most_important"):
-    ifjax.intra_fuse(_variables(), SPEC, 0.5, fuse=False, target="cluster_centroid")
+  with pytest.raises(ValueError, match="method='default'.*most_important"):
+    ifjax.plan(_variables(), SPEC, 0.5, method="default", target="cluster_centroid")
+  with pytest.raises(ValueError, match="method='default'.*most_important"):
+    ifjax.intra_fuse(_variables(), SPEC, 0.5, method="default", target="cluster_centroid")
+  with pytest.warns(DeprecationWarning, match="fuse= is deprecated"):  # the old spelling, still an alias
+    with pytest.raises(ValueError, match="method='default'.*most_important"):
+      ifjax.plan(_variables(), SPEC, 0.5, fuse=False, target="cluster_centroid")
 
 
 # -- precomputed importance -------------------------------------------------------------------------
