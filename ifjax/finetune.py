@@ -7,6 +7,8 @@ callable ``widths -> (module, spec)`` that builds the network at given group wid
 Iterative pruning to sparsity r in k steps cuts each group to ``kept_count(n, r * i / k)`` neurons
 after step i (so the last step lands exactly on ``kept_count(n, r)``, as one-shot pruning does),
 re-planning on the current, fine-tuned weights each time.
+
+:func:`distill` trains a pruned network toward the dense one's outputs on unlabelled (or synthetic) inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 
 from ifjax import _importance, train
+from ifjax._distill import DistillResult, default_optimizer, distill, gram_loss, kl_to_teacher  # noqa: F401 (public)
 from ifjax._fuse import _ratios, apply_plan, kept_count, plan, relative_ratios, step_widths  # noqa: F401 (public here)
 from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
 from ifjax._spec import Spec, widths as group_widths
