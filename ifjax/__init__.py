@@ -10,6 +10,7 @@ from ifjax._batchnorm import fold_batchnorm
 from ifjax._budget import Allocation, allocate, bn_sensitivity, flops, param_count
 from ifjax._cache import enable_compilation_cache
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
+from ifjax._compress import CompressResult, compress
 from ifjax._errors import ArgumentTypeError, IfjaxError
 from ifjax._fuse import (ConvergenceError, ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, iterative_fuse,
                          kept_count, plan, prune, transport_maps)
@@ -32,6 +33,7 @@ __all__ = [
     "BatchNormPair",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CompressResult",
     "ConvergenceError",
     "ConvergenceWarning",
     "FlatMember",
@@ -56,6 +58,7 @@ __all__ = [
     "bn_sensitivity",
     "bn_statistics_gap",
     "check_spec",
+    "compress",
     "enable_compilation_cache",
     "finetune",
     "flops",
