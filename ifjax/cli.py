@@ -85,6 +85,16 @@ and widths. In Python:
 
 {_EXIT_CODES}"""
 
+_COMPRESS_EPILOG = f"""examples:
+  ifjax compress --model resnet20 --target-flops 0.52 --distill-steps 500 --out r20_52     # no real image
+  ifjax compress --model resnet56 --target-flops 0.52 --data unlabelled:500 --distill-steps 500 --out r56_52
+  ifjax compress --model digits_cnn --target-flops 0.5 --data labelled --finetune-epochs 2 --out d50
+  ifjax eval r20_52
+
+The report (stages, seconds, images, steps) is printed and saved beside the checkpoint as report.json.
+
+{_EXIT_CODES}"""
+
 _TRACE_EPILOG = f"""FACTORY contract:
   MODULE is a dotted module name (importable from the current directory) or a path to a .py file;
   FACTORY names an attribute of it: a callable taking no arguments, or the value itself. It must give
@@ -147,6 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--synthetic-steps", type=int, default=200, help="Adam steps per batch of synthetic inputs")
   p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
   p.set_defaults(run=_prune)
+
+  p = sub.add_parser("compress", formatter_class=fmt, epilog=_COMPRESS_EPILOG, help="the whole recipe to a budget",
+                     description="Allocate a budget, fuse or prune, re-estimate BNs, distil or fine-tune as far as "
+                     "--data allows (ifjax.compress); write an ifjax checkpoint.")
+  p.add_argument("--model", required=True, help=f"zoo model: {', '.join(ifjax.models.names())}")
+  p.add_argument("--checkpoint", type=Path, help="weights (default: the model's public or shipped weights)")
+  budget = p.add_mutually_exclusive_group(required=True)
+  budget.add_argument("--target-flops", type=float, metavar="FRACTION", help="keep at most this fraction of the FLOPs")
+  budget.add_argument("--target-params", type=float, metavar="FRACTION",
+                      help="keep at most this fraction of the parameters")
+  p.add_argument("--data", default="none", metavar="none|unlabelled:N|labelled[:N]",
+                 help="none: no real image (synthetic inputs); unlabelled:N: the first N training images without "
+                 "labels; labelled[:N]: (the first N) labelled training images, for --finetune-epochs (default none)")
+  p.add_argument("--method", choices=("if", "default", "neuron_merging", "model_folding"), default="if")
+  p.add_argument("--normalization", choices=("paper", "barycentric"), default="barycentric",
+                 help="with --method if (default barycentric)")
+  p.add_argument("--repair", choices=("none", "statistics"), help="data-free repair of merged channels (default: "
+                 "statistics for --method if and model_folding)")
+  p.add_argument("--allocation", choices=("measured", "uniform", "global", "sensitivity"), default="measured")
+  p.add_argument("--protect", nargs="+", metavar="GROUP", default=(), help="groups kept whole")
+  p.add_argument("--calibration", type=int, default=256, help="synthetic or unlabelled calibration inputs")
+  p.add_argument("--synthetic-steps", type=int, default=200, help="Adam steps per batch of synthetic inputs")
+  p.add_argument("--distill-steps", type=int, default=0, help="distillation steps on the calibration inputs")
+  p.add_argument("--finetune-epochs", type=int, default=0, help="with --data labelled: epochs of fine-tuning")
+  p.add_argument("--out", type=Path, required=True, help="new checkpoint directory (must not exist)")
+  p.set_defaults(run=_compress)
 
   p = sub.add_parser("eval", formatter_class=fmt, help="test accuracy of a checkpoint or a pretrained model",
                      description="Test accuracy of an ifjax checkpoint directory, a PyTorch weights file (with "
@@ -275,6 +311,77 @@ def _prune(args) -> int:
     print(f"  {what}: {share(alloc.cost)} of dense (target {share(alloc.target)})")
   print(f"wrote {path}")
   return ExitCode.OK
+
+
+def _compress(args) -> int:
+  import json
+
+  import ifjax
+
+  what = "--target-flops" if args.target_flops is not None else "--target-params"
+  target = args.target_flops if args.target_flops is not None else args.target_params
+  if not 0 < target < 1:
+    raise CliError(ExitCode.BAD_RATIO, f"{what} must be in (0, 1), got {target}")
+  _check_model(args.model)
+  _check_new_path("--out", args.out, "checkpoints are never overwritten")
+  kind, _, count = args.data.partition(":")
+  if kind not in ("none", "unlabelled", "labelled") or (kind == "none" and count) or (kind == "unlabelled" and
+                                                                                      not count.isdigit()):
+    raise CliError(ExitCode.USAGE, f"--data expects none, unlabelled:N or labelled[:N], got {args.data!r}")
+  if count and (not count.isdigit() or int(count) < 1):
+    raise CliError(ExitCode.USAGE, f"--data {args.data}: N must be a positive integer")
+  module, spec, variables = _load(args.model, args.checkpoint)
+  data = None
+  if kind != "none":
+    images, labels = _train_set(args.model, int(count) if count else None)
+    data = images if kind == "unlabelled" else (images, labels)
+  options = {"normalization": args.normalization} if args.method == "if" else {}
+  repair = args.repair if args.repair is not None else ("statistics" if args.method in ("if", "model_folding")
+                                                        else "none")
+  try:
+    result = ifjax.compress(args.model, variables, spec, **{what[2:].replace("-", "_"): target}, data=data,
+                            method=args.method, plan_options={**options, "repair": repair},
+                            allocation=args.allocation, protect=_group_keys(args.protect),
+                            calibration=args.calibration, synthetic_steps=args.synthetic_steps,
+                            distill_steps=args.distill_steps, finetune_epochs=args.finetune_epochs)
+  except ValueError as e:
+    code = ExitCode.BAD_RATIO if "budget" in str(e) else ExitCode.USAGE
+    raise CliError(code, str(e)) from None
+  try:
+    path = ifjax.save(args.out, result.variables, result.spec, result.widths)
+  except (OSError, ValueError) as e:
+    raise CliError(ExitCode.USAGE, f"--out {args.out}: cannot write the checkpoint: {e}") from None
+  report = {k: v for k, v in result.report.items()}
+  (Path(path) / "report.json").write_text(json.dumps(report, indent=1, default=float))
+  share = 100 * report["cost"] / report["dense_cost"]
+  print(f"{args.model} compressed ({args.method}): {share:.1f}% of the dense "
+        f"{'FLOPs' if args.target_flops is not None else 'params'} in {report['seconds']:.0f} s; "
+        f"{report['synthetic_images']} synthetic and {report['real_images']} real images, "
+        f"{report['distill_steps']} distillation steps, {report['finetune_epochs']} fine-tuning epochs")
+  for stage in report["stages"]:
+    print(f"  {stage['stage']}: {stage['seconds']:.1f} s")
+  print(f"wrote {path}")
+  return ExitCode.OK
+
+
+def _train_set(name: str, count: int | None):
+  """``(images float32 preprocessed, labels)``: the first ``count`` training images of the model's data set."""
+  from ifjax import data
+
+  kind = data.MODEL_PREPROCESS.get(name)
+  try:
+    if kind == "digits":
+      x, y = data.digits("train")
+      x, y = x[:count], y[:count]
+    elif kind == "cifar_resnet":
+      x, y = data.cifar10_jpeg("train", limit=count)
+    else:
+      raise CliError(ExitCode.USAGE, f"--data: no training set known for {name} (cifar10 models and digits_cnn)")
+  except data.DataMissingError as e:
+    raise CliError(ExitCode.MISSING_DATA, f"--data: {e}") from None
+  except ValueError as e:
+    raise CliError(ExitCode.USAGE, f"--data: {e}") from None
+  return data.preprocess(name, x), y
 
 
 def _train_apply(module):

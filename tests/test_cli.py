@@ -241,13 +241,27 @@ def test_prune_and_eval_the_shipped_digits_cnn(tmp_path):
   assert main(["eval", "digits_cnn"]) == 0
 
 
+def test_compress_writes_a_checkpoint_eval_reads(tmp_path):
+  """The whole recipe from the command line, data-free, on the shipped digits CNN; the report lies beside it."""
+  env = {"IFJAX_DATA": str(tmp_path / "empty")}
+  res = run_cli("compress", "--model", "digits_cnn", "--target-flops", "0.5", "--allocation", "uniform",
+                "--calibration", "32", "--synthetic-steps", "3", "--distill-steps", "2", "--out", tmp_path / "c50",
+                env=env)
+  assert res.returncode == 0, res.stderr
+  assert "32 synthetic and 0 real images, 2 distillation steps" in res.stdout
+  assert (tmp_path / "c50" / "report.json").is_file()
+  res = run_cli("eval", tmp_path / "c50", env=env)
+  assert res.returncode == 0 and "on digits-test, 450 images" in res.stdout, res.stderr
+
+
 # -- errors: one line, a distinct exit code ------------------------------------------------------------
 # One case per exit code runs as a real subprocess; the other cases run in-process through main(), which is the
 # same code path without another ~1 s of imports each.
 CASES = ["usage", "not-a-number", "ratio-1", "ratio-negative", "flops-0", "unknown-model", "unknown-model-eval",
          "out-exists", "no-weights", "missing-weights", "not-a-checkpoint", "garbage-torch-file", "no-such-checkpoint",
          "bad-factory", "no-input-shape", "no-module", "not-homogeneous", "no-experiments", "missing-images",
-         "ratio-empties-a-group", "out-folder-missing", "spec-exists", "spec-folder-missing"]
+         "ratio-empties-a-group", "out-folder-missing", "spec-exists", "spec-folder-missing", "compress-data",
+         "compress-flops"]
 ARGPARSE = {"usage", "not-a-number"}  # argparse prints the usage before its one-line message
 SUBPROCESS = {"usage", "ratio-1", "unknown-model", "missing-weights", "not-a-checkpoint", "no-experiments"}
 
@@ -299,6 +313,10 @@ def _error_cases(tmp: Path) -> list[tuple[str, list, dict, int, list[str]]]:
        ExitCode.USAGE, ["--out", "does not exist"]),
       ("spec-exists", ["trace", f"{HELPERS}:linen_net", "--input-shape", "2,8,8,3", "--save-spec",
                        tmp / "exists"], {}, ExitCode.USAGE, ["--save-spec", "exists", "never overwritten"]),
+      ("compress-data", ["compress", "--model", "digits_cnn", "--target-flops", "0.5", "--data", "some", *out], {},
+       ExitCode.USAGE, ["--data expects none, unlabelled:N or labelled[:N]"]),
+      ("compress-flops", ["compress", "--model", "digits_cnn", "--target-flops", "1.5", *out], {}, ExitCode.BAD_RATIO,
+       ["--target-flops must be in (0, 1)"]),
       ("spec-folder-missing", ["trace", f"{HELPERS}:linen_net", "--input-shape", "2,8,8,3", "--save-spec",
                                tmp / "no" / "spec.json"], {}, ExitCode.USAGE, ["--save-spec", "does not exist"]),
   ]
