@@ -114,7 +114,8 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
       (``((group, width), ...)``, as the zoo's): how to build the network at the pruned widths.
     variables: the dense network's variables (with ``batch_stats`` where it has BNs).
     spec: its spec.
-    target_flops / target_params: the fraction of the dense FLOPs / parameters to keep, in (0, 1); give one.
+    target_flops: the fraction of the dense FLOPs to keep, in (0, 1); give this or ``target_params``.
+    target_params: the fraction of the dense parameters to keep, in (0, 1).
     data: ``None`` (data-free), unlabelled images ``(N, H, W, C)`` preprocessed, or ``(images, labels)``; or
       :class:`ifjax.SyntheticInputs` made earlier (still data-free; reused instead of synthesized again).
     method: ``plan``'s method (``"if"``, ``"default"``, ``"neuron_merging"``, ``"model_folding"``);
@@ -122,7 +123,8 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
     allocation: ``"measured"`` (each group probed alone on the calibration inputs, :func:`ifjax.measure_sensitivity`,
       BNs re-estimated if ``repair``), ``"uniform"``, ``"global"`` or ``"sensitivity"`` (:func:`ifjax.allocate`).
       ``curves``: :class:`ifjax.SensitivityCurves` measured earlier, for ``"measured"`` (not measured again).
-    groups / protect: the groups that may be pruned (default all) and those kept whole.
+    groups: the groups that may be pruned (default all).
+    protect: groups kept whole.
     input_shape: one input's shape, for the synthetic inputs and the FLOP count (default: ``data``'s, or the
       zoo model's).
     repair: re-estimate the BN statistics on the calibration inputs (a model without BNs needs ``False``).
@@ -132,7 +134,10 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
       (flip-and-crop augmented; ``distill_options`` go to it). 0: none.
     finetune_epochs: with labels, epochs of :func:`ifjax.train.fit` (``optimizer``: default SGD 0.01,
       momentum 0.9, cosine) on ``data``.
-    batch_size / mesh / seed / progress: for distillation and fine-tuning (``mesh``: data-parallel).
+    batch_size: of distillation and fine-tuning.
+    mesh: data-parallel distillation and fine-tuning over its ``"data"`` axis.
+    seed: of the synthetic inputs, distillation and fine-tuning.
+    progress: tqdm bars.
 
   Returns:
     :class:`CompressResult`.

@@ -22,6 +22,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ifjax._errors import IfjaxError
+
 __all__ = ["ExitCode", "main"]
 
 
@@ -38,7 +40,7 @@ class ExitCode(enum.IntEnum):
   NO_EXPERIMENTS = 8  # experiment: the script is in neither $IFJAX_EXPERIMENTS nor the source tree's experiments/
 
 
-class CliError(Exception):
+class CliError(IfjaxError):
   """An expected failure: ``main`` prints the message on one line and exits with ``code``."""
 
   def __init__(self, code: ExitCode, message: str):
@@ -48,6 +50,12 @@ class CliError(Exception):
 
 EXPERIMENTS = {"data-free": "data_free.py", "fine-tune": "fine_tune.py", "split-data": "split_data.py",
                "budget": "budget.py", "train-cifar": "train_cifar.py", "digits": "digits.py"}
+# the zoo's models and the built-in importances, here so that building the parser imports nothing heavy
+# (``ifjax --help`` stays instant); tests/test_cli.py checks them against ifjax.models.names() and
+# ifjax.importance.BUILTIN
+ZOO = ("digits_cnn", "efficientnet_lite0", "lenet5", "mlp", "resnet110", "resnet18", "resnet20", "resnet32", "resnet44",
+       "resnet50", "resnet56", "vgg11_bn")
+IMPORTANCES = ("l1", "l2", "lamp", "linf", "random")
 DATASETS = ("cifar10-test", "cifar10-train", "cifar10-lossless", "mnist-test", "imagenet-sample", "digits-test")
 _HEADS = {"mlp": "head", "lenet5": "linear2"}  # the zoo's classifier layer where it is not "fc"
 
@@ -123,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("prune", formatter_class=fmt, epilog=_PRUNE_EPILOG, help="prune a zoo model and save it",
                      description="Prune (or Intra-Fuse) a zoo model to a ratio or a budget; write an ifjax checkpoint.")
-  p.add_argument("--model", required=True, help=f"zoo model: {', '.join(ifjax.models.names())}")
+  p.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO)}")
   p.add_argument("--checkpoint", type=Path, help="PyTorch weights file, or an ifjax.save directory (default: the "
                  "public weights under $IFJAX_DATA)")
   budget = p.add_mutually_exclusive_group(required=True)
@@ -149,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "statistics from the BNs (default: statistics for model_folding, none otherwise)")
   p.add_argument("--normalization", choices=("paper", "barycentric"), default="paper", help="Intra-Fusion's "
                  "normalization of the transport map (default paper)")
-  p.add_argument("--importance", choices=sorted(ifjax.importance.BUILTIN), default="l1", help="default l1")
+  p.add_argument("--importance", choices=IMPORTANCES, default="l1", help="default l1")
   p.add_argument("--solver", choices=("exact", "sinkhorn"), default="exact", help="OT solver (default exact)")
   p.add_argument("--synthetic-bn", type=int, default=0, metavar="N",
                  help="re-estimate the BatchNorms on N inputs synthesized from the dense model's own BN statistics "
@@ -161,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("compress", formatter_class=fmt, epilog=_COMPRESS_EPILOG, help="the whole recipe to a budget",
                      description="Allocate a budget, fuse or prune, re-estimate BNs, distil or fine-tune as far as "
                      "--data allows (ifjax.compress); write an ifjax checkpoint.")
-  p.add_argument("--model", required=True, help=f"zoo model: {', '.join(ifjax.models.names())}")
+  p.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO)}")
   p.add_argument("--checkpoint", type=Path, help="weights (default: the model's public or shipped weights)")
   budget = p.add_mutually_exclusive_group(required=True)
   budget.add_argument("--target-flops", type=float, metavar="FRACTION", help="keep at most this fraction of the FLOPs")

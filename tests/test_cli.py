@@ -57,6 +57,18 @@ def test_help_shows_commands_examples_and_exit_codes(capsys):
     assert "examples:" in text and all(w in text for w in words), (command, text)
 
 
+def test_help_imports_nothing_heavy():
+  """``ifjax --help`` is instant: the parser's model and importance lists are constants, checked here."""
+  code = ("import sys, contextlib, io\nfrom ifjax.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+          "  main(['--help']); main(['prune', '--help']); main(['compress', '--help'])\n"
+          "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax', 'numpy'}))")
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+  assert out.strip() == "[]", out
+  from ifjax import cli
+
+  assert list(cli.ZOO) == ifjax.models.names() and list(cli.IMPORTANCES) == sorted(ifjax.importance.BUILTIN)
+
+
 def test_console_script_is_installed():
   script = shutil.which("ifjax", path=str(Path(sys.executable).parent)) or shutil.which("ifjax")
   if script is None:

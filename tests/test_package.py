@@ -18,6 +18,14 @@ def test_import_ifjax_loads_no_heavy_optional_package():
   assert out.strip() == "[]", f"import ifjax loaded {out.strip()}"
 
 
+def test_import_ifjax_is_lazy():
+  """``import ifjax`` loads no jax until a name is used; every public name then resolves."""
+  code = ("import sys, ifjax\nprint('jax' in sys.modules)\n"
+          "print(all(getattr(ifjax, n) is not None for n in ifjax.__all__), 'jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+  assert out == ["False", "True", "True"], out
+
+
 def test_requires_data_marker_skips_with_the_path_and_the_env_var(pytester, monkeypatch, tmp_path):
   (tmp_path / "present.txt").write_text("x")
   monkeypatch.setenv("IFJAX_DATA", str(tmp_path))
