@@ -235,3 +235,93 @@ def test_trace_then_fuse_equals_hand_spec_on_digits_cnn():
   a = ifjax.intra_fuse(v, traced, 0.5)
   b = ifjax.intra_fuse(v, hand, 0.5)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _logaddexp_primitive():
+  """A ``logaddexp`` primitive (jnp.logaddexp is a custom_jvp of other primitives in this jax)."""
+  from jax.extend.core import Primitive
+  from jax.interpreters import mlir
+
+  prim = Primitive("logaddexp")
+  prim.def_impl(jnp.logaddexp)
+  prim.def_abstract_eval(lambda a, b: a)
+  mlir.register_lowering(prim, mlir.lower_fun(jnp.logaddexp, multiple_results=False))
+  return prim
+
+
+_LOGADDEXP = _logaddexp_primitive()
+_INT = lambda op: lambda h: op(jnp.round(h * 4).astype(jnp.int32)).astype(jnp.float32)
+CHANNEL_OPS = {  # op(h) on activations h (batch, channels): each keeps the channel axis
+    "logaddexp": lambda h: _LOGADDEXP.bind(h, jnp.tanh(h)),
+    "jnp.logaddexp": lambda h: jnp.logaddexp(h, 0.5),
+    "xor": _INT(lambda i: i ^ 3),
+    "shift_left": _INT(lambda i: jax.lax.shift_left(i, 2)),
+    "shift_right_logical": _INT(lambda i: jax.lax.shift_right_logical(i, 1)),
+    "shift_right_arithmetic": _INT(lambda i: jax.lax.shift_right_arithmetic(i, 1)),
+    "population_count": _INT(jax.lax.population_count),
+    "real / conj": lambda h: jnp.real(jnp.conj(h.astype(jnp.complex64))),
+    "cumsum over the batch": lambda h: jnp.cumsum(h, axis=0),
+    "sort over the batch": lambda h: jnp.sort(h, axis=0),
+    "dynamic_slice of the batch": lambda h: jax.lax.dynamic_slice_in_dim(h, 1, 2, axis=0),
+    "optimization_barrier": lambda h: sum(jax.lax.optimization_barrier((h, 2 * h))),
+    "reduce_and over the batch": lambda h: h * jnp.all(h > -1, axis=0),
+    "reduce_window over the batch": lambda h: jax.lax.reduce_window(h, 0.0, lambda a, b: a + jnp.abs(b), (2, 1),
+                                                                    (1, 1), "VALID"),
+}
+
+
+@pytest.mark.parametrize("name", CHANNEL_OPS)
+def test_trace_spec_follows_what_resize_follows(name, rel_err):
+  """trace_spec accepts the element-wise primitives resize runs (one table serves both), on a channel axis."""
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32), "b1": jnp.asarray(rng.normal(size=6), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)}
+  op = CHANNEL_OPS[name]
+
+  def f(variables, x):
+    p = variables["params"]
+    return op(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+  v, x = {"params": params}, jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  spec = ifjax.trace_spec(f, v, x)
+  assert [_members(g) for g in spec.groups] == [[("params/b1", 0, 0), ("params/w1", 1, 0), ("params/w2", 0, 0)]]
+  ifjax.check_spec(f, v, spec, x)
+  small = {"params": {"w1": params["w1"][:, :4], "b1": params["b1"][:4], "w2": params["w2"][:4]}}
+  padded = {"params": {**params, "w2": params["w2"].at[4:].set(0)}}
+  assert rel_err(ifjax.resize(f, v, small, x)(small, x), f(padded, x)) < 1e-5
+
+
+def test_ops_along_a_channel_axis_stay_refused():
+  def f(variables, x):
+    h = x @ variables["params"]["w"]
+    return jnp.sort(h, axis=-1) @ variables["params"]["v"]
+
+  v = {"params": {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}}
+  with pytest.raises(ifjax.UnsupportedPrimitiveError, match=r"'sort' that sorts along axis 1.*params/w"):
+    ifjax.trace_spec(f, v, jnp.ones((1, 3)))
+
+
+def test_one_primitive_table_and_one_union_find():
+  """trace_spec and resize dispatch through one table, so they cannot drift apart: both handle every primitive in
+  it but the few it names as refused by one of them, and neither has a rule the table does not list."""
+  from ifjax._trace import axis_rules, constraints, interpreter, primitives, resize
+  from ifjax._trace.unionfind import UnionFind
+
+  assert interpreter.PRIMITIVES is axis_rules.PRIMITIVES is resize.PRIMITIVES is primitives.PRIMITIVES
+  tracer, builder = interpreter._Tracer({}), axis_rules._Builder()
+  for name in primitives.PRIMITIVES:
+    assert (tracer.handler(name) is None) == (name in primitives.NOT_TRACED), name
+    assert (builder.handler(name) is None) == (name in primitives.NOT_RESIZED), name
+  for cls, prefix in ((interpreter._Tracer, "p_"), (axis_rules._Builder, "r_")):
+    assert {n[len(prefix):] for n in dir(cls) if n.startswith(prefix)} <= set(primitives.PRIMITIVES), cls
+  assert set(primitives.NOT_TRACED) | set(primitives.NOT_RESIZED) <= set(primitives.PRIMITIVES)
+  assert not set(primitives.NOT_TRACED) & set(primitives.NOT_RESIZED)
+  for name in ("logaddexp", "xor", "shift_left", "shift_right_logical", "shift_right_arithmetic"):
+    assert primitives.PRIMITIVES[name] == primitives.ELEMENTWISE
+  for module in (interpreter, axis_rules, resize, constraints):  # no second table of names
+    tables = [n for n, x in vars(module).items() if isinstance(x, (set, frozenset, dict)) and x is not
+              primitives.PRIMITIVES and {"tanh", "reduce_sum", "dot_general"} & set(x)]
+    assert not tables, (module, tables)
+  assert issubclass(interpreter._Tracer, UnionFind) and issubclass(constraints._Dims, UnionFind)
+  for cls in (interpreter._Tracer, constraints._Dims):
+    assert cls.find is UnionFind.find and cls.add is UnionFind.add and cls.link is UnionFind.link

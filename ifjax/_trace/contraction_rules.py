@@ -1,10 +1,10 @@
-"""Tracer rules for contractions (conv, dot_general, embedding gathers) and control flow (cond, scan,
-select_n). Mixed into :class:`ifjax._trace.interpreter._Tracer`."""
+"""Tracer rules for contractions (conv, dot_general, embedding gathers) and control flow (cond, scan).
+Mixed into :class:`ifjax._trace.interpreter._Tracer`."""
 
 from __future__ import annotations
 
 from ifjax._spec import FlatMember, Member
-from ifjax._trace.values import UnsupportedPrimitiveError, _Value, _moved, _module
+from ifjax._trace.values import UnsupportedPrimitiveError, _module, _moved, _Value
 
 
 class _ContractionRules:
@@ -217,7 +217,3 @@ class _ContractionRules:
       out.param = (path, {a - 1: pa for a, pa in axes.items() if a > 0})
     out.origin = None
     return out
-
-  # -- misc ----------------------------------------------------------------------------
-  def p_select_n(self, eqn, ins, shapes, out_shapes):
-    return [self.elementwise("select_n", ins, shapes, out_shapes[0])]

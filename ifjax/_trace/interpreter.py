@@ -32,8 +32,9 @@ Beyond convs and dense layers it follows:
   MLP-Mixer) stay in place (frozen); a module applied twice (shared weights) is
   an :class:`UnsupportedPrimitiveError` naming it.
 
-A primitive without a rule that touches a labelled axis raises
-:class:`UnsupportedPrimitiveError`: the tracer never guesses.
+Primitives are dispatched through the table of :mod:`~ifjax._trace.primitives`,
+shared with :func:`ifjax.resize`. A primitive without a rule that touches a
+labelled axis raises :class:`UnsupportedPrimitiveError`: the tracer never guesses.
 """
 
 from __future__ import annotations
@@ -47,15 +48,18 @@ import numpy as np
 
 from ifjax._spec import Member
 from ifjax._trace.contraction_rules import _ContractionRules
+from ifjax._trace.primitives import CALL, ELEMENTWISE, IDENTITY, NOT_TRACED, ORDERED, PRIMITIVES, order_axes
 from ifjax._trace.shape_rules import _ShapeRules
-from ifjax._trace.values import Seg, UnsupportedPrimitiveError, _Class, _Value, _layout, _module, _plain
+from ifjax._trace.unionfind import UnionFind
+from ifjax._trace.values import Seg, UnsupportedPrimitiveError, _Class, _layout, _module, _plain, _Value
 
 
-class _Tracer(_ShapeRules, _ContractionRules):
+class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
+  """Follows channel classes (the nodes of its :class:`UnionFind`) through a jaxpr."""
 
   def __init__(self, shapes: dict[str, tuple[int, ...]]):
+    UnionFind.__init__(self)
     self.shapes = shapes
-    self.parent: list[int] = []
     self.classes: list[_Class] = []
     self.bn: dict[str, str] = {}  # bn module -> layer module
     self.eps: dict[str, float] = {}  # bn module -> epsilon seen in var + eps
@@ -65,17 +69,10 @@ class _Tracer(_ShapeRules, _ContractionRules):
     self.bn_uses: dict[str, list] = {}  # bn module -> [(path, param axis, segments, origin, eqn index)]
     self.escaped: set[str] = set()  # layers whose output is read before (or without) its BatchNorm
 
-  # -- union-find over classes ----------------------------------------------------
+  # -- classes: the union-find's sets, with what they carry -------------------------
   def new_class(self, size):
-    self.parent.append(len(self.parent))
     self.classes.append(_Class(size))
-    return len(self.parent) - 1
-
-  def find(self, c):
-    while self.parent[c] != c:
-      self.parent[c] = self.parent[self.parent[c]]
-      c = self.parent[c]
-    return c
+    return self.add()
 
   def union(self, a, b, where):
     a, b = self.find(a), self.find(b)
@@ -85,7 +82,7 @@ class _Tracer(_ShapeRules, _ContractionRules):
     if ca.size != cb.size:
       raise UnsupportedPrimitiveError(f"{where}: couples channel groups of sizes {ca.size} and {cb.size} "
                                       "element-wise; a group has one size")
-    self.parent[b] = a
+    self.link(a, b)
     ca.producers += cb.producers
     ca.consumers += cb.consumers
     ca.frozen = ca.frozen or cb.frozen
@@ -188,26 +185,57 @@ class _Tracer(_ShapeRules, _ContractionRules):
     name = eqn.primitive.name
     shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
     out_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars]
-    if name in _ELEMENTWISE:
-      if name == "add":
-        self.note_eps(eqn, ins)
-      return [self.elementwise(name, ins, shapes, out_shapes[0])]
-    if name in _IDENTITY:
-      return [ins[0]] + [_Value() for _ in out_shapes[1:]]
-    sub = _subjaxpr(eqn)
-    if sub is not None:
-      jaxpr, ins_used = sub
-      return self.run(jaxpr, ins[len(ins) - len(jaxpr.invars):] if ins_used is None else ins_used)
-    rule = getattr(self, "p_" + name, None)
+    rule, sub = self.handler(name), _subjaxpr(eqn)
+    if rule == self.call and sub is None:
+      rule = None
+    elif rule is None and sub is not None:  # a call-like primitive the table does not name
+      rule = self.call
     if rule is not None:
       return rule(eqn, ins, shapes, out_shapes)
     touched = [i for i, v in enumerate(ins) if v.labels or v.param]
     if not touched:
       return [_Value() for _ in out_shapes]
     what = self.describe(ins[touched[0]])
+    why = f" ({NOT_TRACED[name]})" if name in NOT_TRACED else ""
     raise UnsupportedPrimitiveError(
-        f"no rule for primitive {name!r}, which touches {what}. Hint: write the spec by hand for this part, or "
+        f"no rule for primitive {name!r}{why}, which touches {what}. Hint: write the spec by hand for this part, or "
         "keep the op out of the traced function; ifjax does not guess how a primitive moves channels.")
+
+  def handler(self, name: str):
+    """The rule ``(eqn, ins, shapes, out_shapes) -> outs`` for primitive ``name`` (see
+    :mod:`~ifjax._trace.primitives`), or None."""
+    kind = PRIMITIVES.get(name)
+    if kind is None or name in NOT_TRACED:
+      return None
+    generic = {ELEMENTWISE: self.kind_elementwise, IDENTITY: self.kind_identity, ORDERED: self.kind_ordered,
+               CALL: self.call}
+    return generic.get(kind) or getattr(self, "p_" + name, None)
+
+  def kind_elementwise(self, eqn, ins, shapes, out_shapes):
+    name = eqn.primitive.name
+    if name == "add":
+      self.note_eps(eqn, ins)
+    return [self.elementwise(name, ins, shapes, out_shapes[0])]
+
+  def kind_identity(self, eqn, ins, shapes, out_shapes):
+    return [ins[0]]
+
+  def kind_ordered(self, eqn, ins, shapes, out_shapes):
+    """Cumulative ops, sort and rev: element-wise along the axes they do not run along; refused on a
+    parameter or along a channel axis (they reorder or mix its channels)."""
+    name = eqn.primitive.name
+    for ax, what, _ in order_axes(name, eqn.params, len(out_shapes[0])):
+      for v in ins:
+        if ax in v.labels or v.param or v.params:
+          raise UnsupportedPrimitiveError(
+              f"no rule for primitive {name!r} that {what} axis {ax} of {self.describe(v)}: ifjax follows it only "
+              "along axes without channels. Hint: write the spec by hand for this part.")
+    out = self.elementwise(name, ins, shapes, out_shapes[0])
+    return [out] + [dataclasses.replace(out) for _ in out_shapes[1:]]
+
+  def call(self, eqn, ins, shapes, out_shapes):
+    jaxpr, ins_used = _subjaxpr(eqn)
+    return self.run(jaxpr, ins[len(ins) - len(jaxpr.invars):] if ins_used is None else ins_used)
 
   def note_eps(self, eqn, ins):
     """``var + eps`` of a BatchNorm: remember its epsilon (folding needs the model's own)."""
@@ -372,17 +400,7 @@ class _Tracer(_ShapeRules, _ContractionRules):
           self.add_per_channel(path, pax, segs, i)
 
 
-_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "tanh", "logistic", "abs",
-    "sqrt", "rsqrt", "integer_pow", "pow", "square", "erf", "sign", "sin", "cos", "expm1", "clamp", "ge", "gt",
-    "le", "lt", "eq", "ne", "and", "or", "not", "nextafter", "is_finite", "erf_inv", "cbrt", "floor", "ceil",
-    "round", "atan2", "rem", "add_any", "tan", "atan", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh",
-    "erfc", "lgamma", "digamma",
-}
 _AFFINE = {"add", "sub", "mul", "div", "convert_element_type"}  # keep the "output of layer X" origin
-_IDENTITY = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier",
-             "sharding_constraint", "stop_gradient"}
-
 
 
 def _subjaxpr(eqn):

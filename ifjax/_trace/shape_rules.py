@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ifjax._spec import FlatMember
-from ifjax._trace.values import UnsupportedPrimitiveError, _Value, _moved
+from ifjax._trace.values import UnsupportedPrimitiveError, _moved, _Value
 
 
 class _ShapeRules:
@@ -134,7 +134,7 @@ class _ShapeRules:
     out.origin = None
     return [out]
 
-  p_reduce_max = p_reduce_min = p_reduce_prod = p_reduce_sum
+  p_reduce_max = p_reduce_min = p_reduce_prod = p_reduce_and = p_reduce_or = p_reduce_xor = p_reduce_sum
 
   def p_argmax(self, eqn, ins, shapes, out_shapes):
     axes = eqn.params["axes"]
@@ -192,6 +192,21 @@ class _ShapeRules:
       outs.append(self.sliced(ins[0], shapes[0], start, limit, (1,) * len(start)))
       pos += size
     return outs
+
+  def p_dynamic_slice(self, eqn, ins, shapes, out_shapes):
+    """``lax.dynamic_slice``: whole axes keep their channels; part of a channel axis at a position known only
+    at run time is refused."""
+    v, shape, sizes = ins[0], shapes[0], eqn.params["slice_sizes"]
+    for ax in v.labels:
+      if sizes[ax] != shape[ax]:
+        raise UnsupportedPrimitiveError(f"dynamic_slice of part of the channel axis {ax} of {self.describe(v)}")
+    return [self.sliced(v, shape, [0] * len(shape), sizes, (1,) * len(shape))]
+
+  def p_iota(self, eqn, ins, shapes, out_shapes):
+    return [_Value()]
+
+  def p_optimization_barrier(self, eqn, ins, shapes, out_shapes):
+    return list(ins)
 
   def sliced(self, v, shape, start, limit, strides) -> _Value:
     """``v[start:limit:strides]``; a cut through a channel group splits it into groups of its own."""

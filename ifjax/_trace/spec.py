@@ -10,7 +10,7 @@ import numpy as np
 
 from ifjax._spec import BatchNormPair, FlatMember, Group, Spec, flatten, unflatten
 from ifjax._trace.interpreter import _Tracer
-from ifjax._trace.values import UnsupportedPrimitiveError, _Class, _Value, _module
+from ifjax._trace.values import UnsupportedPrimitiveError, _Class, _module, _Value
 
 
 def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example_kwargs) -> Spec:
