@@ -121,7 +121,8 @@ if {who!r}.endswith("+cache"):  # a process after one that filled the persistent
 variables, spec, groups = bench.load({name!r})
 compiles = [0]
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, d, **kw: compiles.__setitem__(0, compiles[0] + (event == "/jax/core/compile/backend_compile_duration")))
+    lambda event, d, **kw: compiles.__setitem__(
+        0, compiles[0] + (event == "/jax/core/compile/backend_compile_duration")))
 hits = [0]  # programs loaded from the persistent cache (still counted as compiles by the event above)
 jax.monitoring.register_event_listener(
     lambda event, **kw: hits.__setitem__(0, hits[0] + (event == "/jax/compilation_cache/cache_hits")))
@@ -193,9 +194,10 @@ def warm(name: str, repeats: int) -> dict:
   weight_diff = max(float(np.abs(a - v).max()) for a, v in same)
   params = sum(np.size(a) for a in jax.tree.leaves(variables["params"]))
   largest_plan = max(np.size(p.transport) for p in pl.values())
-  return dict(groups=len(pl), compared_arrays=len(same), params=int(params), param_mb=4 * params / 2**20, largest_plan_mb=4 * largest_plan / 2**20,
-              map_diff=map_diff, weight_diff=weight_diff,
-              **{f"{k}_min": min(v) for k, v in times.items()}, **{f"{k}_median": statistics.median(v) for k, v in times.items()})
+  return dict(groups=len(pl), compared_arrays=len(same), params=int(params), param_mb=4 * params / 2**20,
+              largest_plan_mb=4 * largest_plan / 2**20, map_diff=map_diff, weight_diff=weight_diff,
+              **{f"{k}_min": min(v) for k, v in times.items()},
+              **{f"{k}_median": statistics.median(v) for k, v in times.items()})
 
 
 # -- one group, growing n -------------------------------------------------------------------------------
@@ -308,22 +310,23 @@ def report(meta: dict, colds: dict, warms: dict, scale: list[dict], kernels: lis
     lines.append("")
   if colds:
     lines += ["**Cold** (a fresh process: the first call with imports excluded; in brackets, with the imports of "
-              "jax, ifjax, POT and SciPy; then a second call; XLA compilations; peak RSS above the RSS before the call; "
-              "+cache: the process after one that filled a persistent compilation cache):", "",
-              "| model | contender | first call (s) | compiles | second call (s) | compiles | peak RSS above start (MB) | "
-              "3 x params + largest plan (MB) |", "|---|---|---|---|---|---|---|---|"]
+              "jax, ifjax, POT and SciPy; then a second call; XLA compilations; peak RSS above the RSS before the "
+              "call; +cache: the process after one that filled a persistent compilation cache):", "",
+              "| model | contender | first call (s) | compiles | second call (s) | compiles | "
+              "peak RSS above start (MB) | 3 x params + largest plan (MB) |", "|---|---|---|---|---|---|---|---|"]
     for (name, who), c in colds.items():
       w = warms.get(name)
       bound = f"{3 * w['param_mb'] + w['largest_plan_mb']:.0f}" if w else ""
       second = f"{c['second']:.3f}" if who != "reference" else ""
       hits = f" ({c['cache_hits_first']} from the cache)" if c.get("cache_hits_first") else ""
-      lines.append(f"| {name} | {who} | {c['first']:.3f} ({c['first'] + c['imports']:.2f}) | {c['compiles_first']}{hits} | "
-                   f"{second} | {c['compiles_second'] if who != 'reference' else ''} | {c['peak_rss_growth_mb']:.0f} | "
-                   f"{bound} |")
+      lines.append(f"| {name} | {who} | {c['first']:.3f} ({c['first'] + c['imports']:.2f}) | "
+                   f"{c['compiles_first']}{hits} | {second} | {c['compiles_second'] if who != 'reference' else ''} | "
+                   f"{c['peak_rss_growth_mb']:.0f} | {bound} |")
     lines.append("")
   if scale:
     lines += ["**One group** (n neurons -> n/2, d = 512 features; warm, min of the repeats, seconds; slope = "
-              "log-log slope from the previous size):", "", "| n | exact | slope | Sinkhorn | slope |", "|---|---|---|---|---|"]
+              "log-log slope from the previous size):", "", "| n | exact | slope | Sinkhorn | slope |",
+              "|---|---|---|---|---|"]
     prev = None
     for r in scale:
       cells = []
@@ -363,8 +366,8 @@ def main(argv=None):
   import numpy as np
   import ot
 
-  meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}", jax=jax.__version__,
-              pot=ot.__version__, numpy=np.__version__, repeats=args.repeats,
+  meta = dict(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].device_kind}",
+              jax=jax.__version__, pot=ot.__version__, numpy=np.__version__, repeats=args.repeats,
               command="python experiments/bench.py " + " ".join(sys.argv[1:] if argv is None else argv))
   colds, warms = {}, {}
   for name in args.models:

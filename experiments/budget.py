@@ -1,7 +1,7 @@
-"""Whole-network compression to FLOP budgets on a pretrained network: accuracy against FLOPs kept.
+r"""Whole-network compression to FLOP budgets on a pretrained network: accuracy against FLOPs kept.
 
     python experiments/budget.py --model resnet56 --flops 0.52 --out docs/results/budget_resnet56
-    python experiments/budget.py --model resnet20 --flops 0.3 0.4 0.52 0.6 0.7 --allocations uniform-internal \\
+    python experiments/budget.py --model resnet20 --flops 0.3 0.4 0.52 0.6 0.7 --allocations uniform-internal \
         sensitivity-internal --steps 1 4 --modes free light --limit 1000 --plot --out docs/results/budget_resnet20
 
 For every budget and allocation the per-group ratios come from :func:`ifjax.allocate`:

@@ -1,4 +1,4 @@
-"""The paper's data-free experiment (§4.2, Tables 10-21) on a zoo model with real pretrained weights.
+r"""The paper's data-free experiment (§4.2, Tables 10-21) on a zoo model with real pretrained weights.
 
 Each cell prunes one group (paper numbering, 0 = closest to the output) or all
 groups at once to a neuron sparsity, with default pruning or Intra-Fusion, and
@@ -7,7 +7,7 @@ measures test accuracy: no data for the fusion itself, no fine-tuning.
     python experiments/data_free.py --model resnet20 --out results/resnet20_l1
     python experiments/data_free.py --model resnet20 --importance taylor lamp --out results/resnet20_taylor_lamp
     python experiments/data_free.py --model resnet56 --all-groups-only --sparsities 0.3 0.5 0.7 --out results/r56_all
-    python experiments/data_free.py --model resnet20 --methods default if_paper if_bary if_bary+bias \\
+    python experiments/data_free.py --model resnet20 --methods default if_paper if_bary if_bary+bias \
         if_bary+centroid if_bary+mass --out results/resnet20_variants
 
 Writes ``results.csv`` (one row per cell and method; an interrupted run resumes
@@ -157,7 +157,8 @@ def run(args) -> list[dict]:
   if done:
     print(f"resuming: {len(done)} cells already in {csv_path}")
 
-  selections = [] if args.all_groups_only else [(str(spec.paper_index(g.name)), g.name) for g in spec.select(args.groups)]
+  selections = ([] if args.all_groups_only else
+                [(str(spec.paper_index(g.name)), g.name) for g in spec.select(args.groups)])
   selections.append(("all", None))
   n_params = int(sum(np.prod(np.shape(a)) for a in jax.tree.leaves(variables["params"])))
   cells = [(imp, sel, s, meth) for imp in args.importance for sel in selections for s in args.sparsities
@@ -179,8 +180,8 @@ def run(args) -> list[dict]:
       solver = {} if meth.startswith("default") else dict(solver=args.solver, epsilon=args.epsilon)
       pl = ifjax.plan(variables, spec, s, groups=group, importance=scores[imp], **method_options(meth), **solver)
       if "bn" in meth.split("+")[1:]:
-        acc = recalibrated_accuracy(module, variables, spec, pl, calibration_batches(args.model, args.calibration_images),
-                                    x, y, args)
+        acc = recalibrated_accuracy(module, variables, spec, pl,
+                                    calibration_batches(args.model, args.calibration_images), x, y, args)
       else:
         acc = accuracy(ifjax.apply_plan(variables, spec, pl, keep_shapes=True))
       row = dict(model=args.model, importance=imp, group=label, group_name=group or "all", sparsity=s, method=meth,

@@ -20,9 +20,9 @@ import pathlib
 import time
 
 import jax
-from flax.traverse_util import flatten_dict
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 from tqdm.auto import tqdm
 
 import ifjax

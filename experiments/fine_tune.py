@@ -1,4 +1,4 @@
-"""Fine-tuning after pruning (the setting of the paper's Table 1) on the real pretrained CIFAR ResNets.
+r"""Fine-tuning after pruning (the setting of the paper's Table 1) on the real pretrained CIFAR ResNets.
 
 Every group (block-internal and stream groups) is pruned one-shot to a neuron sparsity with default
 pruning or Intra-Fusion (l1, exact OT, `paper` normalization), then fine-tuned with the paper's recipe
@@ -6,7 +6,8 @@ pruning or Intra-Fusion (l1, exact OT, `paper` normalization), then fine-tuned w
 accuracy on the 10,000 test images after 0 (data-free), 1, 2, ... epochs.
 
     python experiments/fine_tune.py --model resnet20 --out results/fine_tune_resnet20
-    python experiments/fine_tune.py --model resnet20 --train-limit 10000 --epochs 5 --out docs/results/fine_tune_resnet20
+    python experiments/fine_tune.py --model resnet20 --train-limit 10000 --epochs 5 \
+        --out docs/results/fine_tune_resnet20
 
 ``--train-limit`` makes an "epoch" one pass over a class-balanced subset of that many training images
 (for CPU budgets). Writes ``results.csv`` (one row per method, sparsity and epoch; an interrupted run

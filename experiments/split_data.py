@@ -1,7 +1,7 @@
-"""Split-Data (the paper's Section 6) at small scale: PaF and FaP against the whole-data model.
+r"""Split-Data (the paper's Section 6) at small scale: PaF and FaP against the whole-data model.
 
     python experiments/split_data.py --out results/split_data
-    python experiments/split_data.py --model resnet20 --train-limit 10000 --train-epochs 5 --prune-epochs 1 \\
+    python experiments/split_data.py --model resnet20 --train-limit 10000 --train-epochs 5 --prune-epochs 1 \
         --finetune-epochs 1 --sparsities 0.3 0.5 --out docs/results/split_data_resnet20
 
 From scratch (random init): k models on the C(k, k/2) half-data training sets train side by side on a
@@ -82,7 +82,7 @@ def run(args, models_count: int):
         f"{args.devices_per_model} devices; {len(y)} training images", flush=True)
 
   sets = split_data.split(train_set, args.k, seed=args.seed)
-  optimizer = lambda s: train.paper_sgd("train", s)  # noqa: E731
+  optimizer = lambda s: train.paper_sgd("train", s)
   models, hist_split, t_split = split_data.train_models(module, init[:models_count], sets, epochs=args.train_epochs,
                                                        optimizer=optimizer, mesh=pair_mesh, eval_data=test_set,
                                                        seed=args.seed, **opts)
@@ -110,7 +110,8 @@ def run(args, models_count: int):
     for name, r in results.items():
       train_s = t_split if name != "whole data" else t_whole
       rows.append(dict(sparsity=s, pipeline=name, accuracy=round(100 * r.accuracy, 2),
-                       fused_accuracy=round(100 * r.history["fused_accuracy"], 2) if name != "whole data" else "", train_s=round(train_s, 1), **{f"{k}_s": round(v, 1) for k, v in r.seconds.items()},
+                       fused_accuracy=round(100 * r.history["fused_accuracy"], 2) if name != "whole data" else "",
+                       train_s=round(train_s, 1), **{f"{k}_s": round(v, 1) for k, v in r.seconds.items()},
                        total_s=round(train_s + sum(r.seconds.values()), 1)))
       print(rows[-1], flush=True)
   fields = ["sparsity", "pipeline", "accuracy", "fused_accuracy", "train_s", "prune_s", "fuse_s", "finetune_s",
@@ -126,7 +127,8 @@ def report(rows, out: pathlib.Path, args, acc_split, acc_whole, t_split, t_whole
            f"{args.train_limit} CIFAR-10 JPEG training images ({args.train_epochs} epochs), "
            f"k = {args.k}: {models_count} half-data models on a (models={models_count}, data={args.devices_per_model}) "
            "mesh of simulated XLA:CPU devices that share this machine's cores.", "",
-           f"- split models: {', '.join(f'{100 * a:.2f}%' for a in acc_split)}; whole-data model: {100 * acc_whole:.2f}%",
+           f"- split models: {', '.join(f'{100 * a:.2f}%' for a in acc_split)}; "
+           f"whole-data model: {100 * acc_whole:.2f}%",
            f"- training wall time: split models {t_split:.0f} s for all {models_count} together, whole-data model "
            f"{t_whole:.0f} s. Measured ratio whole / split-together: {t_whole / t_split:.2f}x. On disjoint hardware "
            f"each split model would run alone in about {per_model:.0f} s (its share of the shared cores), a "

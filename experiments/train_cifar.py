@@ -1,4 +1,4 @@
-"""Train a zoo model (the paper's VGG11-BN or ResNet18, or a CIFAR ResNet) from scratch on CIFAR-10 JPEG.
+r"""Train a zoo model (the paper's VGG11-BN or ResNet18, or a CIFAR ResNet) from scratch on CIFAR-10 JPEG.
 
 The paper's recipe (Table 2): SGD, momentum 0.9, lr 0.05 halved every 30 epochs, batch 128, flip +
 random crop, cross-entropy, CIFAR normalised with the ImageNet constants. Data-parallel over every
@@ -7,7 +7,7 @@ epoch (so a long run can be spread over several sessions). The final model is wr
 ``ifjax.save`` to ``--out`` and can be fed to the data-free grid:
 
     python experiments/train_cifar.py --model vgg11_bn --epochs 30 --checkpoint-dir runs/vgg11 --out runs/vgg11/final
-    python experiments/train_cifar.py --model resnet18 --epochs 60 --halve-every 6 --time-limit 3000 \\
+    python experiments/train_cifar.py --model resnet18 --epochs 60 --halve-every 6 --time-limit 3000 \
         --checkpoint-every 5 --checkpoint-dir runs/r18 --out runs/r18/final
     python experiments/data_free.py --model vgg11_bn --checkpoint runs/vgg11/final --out results/vgg11_l1
 """
@@ -62,7 +62,8 @@ def main(argv=None):
     print(f"epoch {h['epoch']:3d}: loss {h['loss']:.4f}, train {100 * h['accuracy']:.2f}%, "
           f"test {100 * h['eval_accuracy']:.2f}%, {h['seconds']:.0f} s")
   print(f"{args.model}: {100 * history[-1]['eval_accuracy']:.2f}% on {len(yt)} test images after "
-        f"{len(history)} of {args.epochs} epochs (lr halved every {args.halve_every}); this call {time.perf_counter() - t0:.0f} s; saved to {args.out}")
+        f"{len(history)} of {args.epochs} epochs (lr halved every {args.halve_every}); "
+        f"this call {time.perf_counter() - t0:.0f} s; saved to {args.out}")
 
 
 if __name__ == "__main__":

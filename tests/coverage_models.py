@@ -75,8 +75,9 @@ def merge_plan(n: int):
 
 def planted(variables, spec, groups) -> dict:
   """BN-folded ``variables`` in which neuron 1 of each of ``groups`` duplicates neuron 0 on every producer array."""
-  import ifjax
   from flax import traverse_util
+
+  import ifjax
   from ifjax._batchnorm import derived_bn
 
   flat = {k: np.array(a) for k, a in traverse_util.flatten_dict(ifjax.fold_batchnorm(variables, spec), sep="/").items()}

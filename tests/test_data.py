@@ -161,7 +161,7 @@ def test_mnist_corrupt(monkeypatch, tmp_path, which, corruption, message):
   monkeypatch.setenv("IFJAX_DATA", str(tmp_path))
   files = {"images": (tmp_path / "mnist/t10k-images-idx3-ubyte.gz", (2051, 10000, 28, 28), 784),
            "labels": (tmp_path / "mnist/t10k-labels-idx1-ubyte.gz", (2049, 10000), 1)}
-  for name, (path, header, size) in files.items():
+  for path, header, size in files.values():
     _idx_gz(path, header, bytes(10000 * size))
   path, header, size = files[which]
   if corruption == "not gzip":

@@ -20,8 +20,12 @@ import pytest
 import ifjax
 from ifjax import data
 from ifjax._spec import flatten, unflatten
-from ifjax.models._efficientnet import (EfficientNetLite0, efficientnet_lite0_checkpoint, efficientnet_lite0_spec,
-                                        efficientnet_lite0_torch_keys)
+from ifjax.models._efficientnet import (
+  EfficientNetLite0,
+  efficientnet_lite0_checkpoint,
+  efficientnet_lite0_spec,
+  efficientnet_lite0_torch_keys,
+)
 
 NAME = "efficientnet_lite0"
 SPEC = efficientnet_lite0_spec()

@@ -135,7 +135,8 @@ def test_main_job_prints_the_readme_table(capsys):
   import re
 
   readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-  blocks = [b for b in re.findall(r"^```[a-z]*\n(.*?)^```", readme, re.S | re.M) if b.startswith("loaded the DigitsCNN")]
+  blocks = [b for b in re.findall(r"^```[a-z]*\n(.*?)^```", readme, re.S | re.M)
+            if b.startswith("loaded the DigitsCNN")]
   assert len(blocks) == 1, "README.md should show the main job's output once, in a plain ``` block"
   _script("digits").main([])
   assert capsys.readouterr().out == blocks[0]

@@ -200,7 +200,8 @@ def test_taylor_loss_fn_follows_the_variables():
   fn = imp.taylor(loss_fn=_loss, batches=batches)
   for seed in (0, 3):
     v = _variables(seed)
-    total = jax.tree.map(lambda *a: sum(a), *[jax.grad(lambda p: _loss({"params": p}, b))(v["params"]) for b in batches])
+    grads = [jax.grad(lambda p: _loss({"params": p}, b))(v["params"]) for b in batches]
+    total = jax.tree.map(lambda *a: sum(a), *grads)
     np.testing.assert_allclose(fn(v, SPEC["h"]), imp.taylor(grads=total)(v, SPEC["h"]), rtol=1e-4)
 
 

@@ -4,13 +4,13 @@
 runs. Needs ``nbclient`` and ``ipykernel`` (the ``test`` extra); notebooks that read ../shared/data skip without it.
 """
 
-import os
 import pathlib
 
 import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NEEDS_DATA = {"01_quickstart.ipynb": ("cifar10-jpeg.zip", "resnet20"), "04_budgets.ipynb": ("cifar10-jpeg.zip", "resnet20")}
+NEEDS_DATA = {"01_quickstart.ipynb": ("cifar10-jpeg.zip", "resnet20"),
+              "04_budgets.ipynb": ("cifar10-jpeg.zip", "resnet20")}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))

@@ -151,7 +151,7 @@ def test_allocate_flops_of_a_traced_model_without_rebuild(traced):
 
 # -- 3. errors ------------------------------------------------------------------------------------------------
 def _ifjax_exception_classes():
-  import ifjax.cli  # noqa: F401  (CliError)
+  import ifjax.cli  # (CliError)
   import ifjax.data  # noqa: F401
   seen, out = set(), []
   modules = [m for name, m in __import__("sys").modules.items() if name == "ifjax" or name.startswith("ifjax.")]

@@ -22,7 +22,8 @@ REFERENCE = {
 
 def _accuracy(module, variables, x, y, batch=1000):
   predict = jax.jit(lambda v, xb: module.apply(v, xb).argmax(-1))
-  return 100.0 * sum(int((np.asarray(predict(variables, xb)) == yb).sum()) for xb, yb in data.batches(x, y, batch)) / len(y)
+  correct = sum(int((np.asarray(predict(variables, xb)) == yb).sum()) for xb, yb in data.batches(x, y, batch))
+  return 100.0 * correct / len(y)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet56"])

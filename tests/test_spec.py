@@ -59,7 +59,8 @@ def test_member_offset_default_is_zero():
   assert m == ifjax.Member("p", 1, 0)
 
 
-@pytest.mark.parametrize("bad", ["params/a/kernel", ("params/a/kernel",), ("p", 1, 0, 0), (1, 0), ("p", "1"), ("p", 1.0)])
+@pytest.mark.parametrize("bad", ["params/a/kernel", ("params/a/kernel",), ("p", 1, 0, 0), (1, 0), ("p", "1"),
+                                 ("p", 1.0)])
 def test_bad_member_rejected(bad):
   with pytest.raises(ValueError, match="member"):
     ifjax.Group("g", [bad])

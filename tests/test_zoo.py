@@ -180,7 +180,8 @@ def test_option_a_streams_are_traced_as_segments():
                                "layer3_0/conv2[48:64]"]
   assert [g.size for g in traced.groups[-5:]] == [16, 8, 8, 16, 16]
   stream1 = traced.groups[-5]
-  assert ("params/layer3_2/conv2/kernel", 3, 24) in stream1.producers and ("params/fc/kernel", 0, 24) in stream1.consumers
+  assert ("params/layer3_2/conv2/kernel", 3, 24) in stream1.producers
+  assert ("params/fc/kernel", 0, 24) in stream1.consumers
   with pytest.raises(ValueError, match="size"):  # a segment group without its size is ambiguous
     ifjax.Spec(tuple(dataclasses.replace(g, size=None) for g in spec.groups)).validate(v)
 
@@ -220,9 +221,10 @@ def test_recalibrated_batchnorm_takes_the_kept_neurons_affine():
   np.testing.assert_allclose(got["scale"], np.abs(v["params"]["layer1_0"]["bn1"]["scale"])[keep], rtol=1e-6)
   np.testing.assert_allclose(got["bias"], v["params"]["layer1_0"]["bn1"]["bias"][keep], rtol=1e-6)
   keep2 = np.asarray(pl["stream2a"].keep)  # stream2a = channels 0..7 of stage 2's stream: bn2 of every block there
-  np.testing.assert_allclose(fixed["params"]["layer2_1"]["bn2"]["bias"][:4], v["params"]["layer2_1"]["bn2"]["bias"][keep2])
-  np.testing.assert_allclose(fixed["params"]["layer2_1"]["bn2"]["bias"][4:], v["params"]["layer2_1"]["bn2"]["bias"][8:])
+  got2, dense2 = fixed["params"]["layer2_1"]["bn2"]["bias"], v["params"]["layer2_1"]["bn2"]["bias"]
+  np.testing.assert_allclose(got2[:4], dense2[keep2])
+  np.testing.assert_allclose(got2[4:], dense2[8:])
   assert np.all(np.isfinite(np.asarray(small.apply(fixed, x))))
   with pytest.raises(ValueError, match="cluster_centroid"):
-    ifjax.recalibrate_batchnorm(small.apply, fixed, v, spec, ifjax.plan(v, spec, 0.5, groups=[0], target="cluster_centroid"),
-                                [x])
+    ifjax.recalibrate_batchnorm(small.apply, fixed, v, spec,
+                                ifjax.plan(v, spec, 0.5, groups=[0], target="cluster_centroid"), [x])
