@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,7 +50,7 @@ def folded_flat(variables: Variables, spec: Spec) -> dict:
         raise ValueError(f"batchnorm pair {tuple(pair)!r}: missing {p!r}")
     kernel = flat[kp]
     xp = array_module(*(flat[p] for p in (kp, mp, vp, bp, sp, sb) if p in flat))
-    f32 = lambda p, default: xp.asarray(flat[p], xp.float32) if p in flat else default
+    f32 = lambda p, default: xp.asarray(flat[p], xp.float32) if p in flat else default  # noqa: B023 (used here)
     mean, var = f32(mp, None), f32(vp, None)
     scale, shift = f32(sp, 1.0), f32(sb, 0.0)
     if jnp.shape(mean)[0] != kernel.shape[-1]:

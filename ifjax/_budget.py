@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
-
 import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -217,12 +216,18 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   """Per-group ratios whose pruned network costs at most the target, for ``plan(variables, spec, ratios)``.
 
   Args:
+    variables: the dense Flax variables.
+    spec: their :class:`ifjax.Spec`.
     target_params: parameters to keep at most (an int), or a fraction of the dense count if < 1.
     target_flops: FLOPs of one call at most, or a fraction of the dense FLOPs if < 1; needs ``rebuild``
       (``widths -> apply_fn`` of the network at those widths, e.g. ``lambda w: models.get(name, widths=w)[0].apply``)
       or ``apply_fn`` (the dense network's ``apply_fn(variables, *example_args, **example_kwargs)``, e.g. the
       function given to :func:`ifjax.trace_spec`: the pruned networks are run through :func:`ifjax.resize`, so a
       model of your own needs no rebuild), and ``example_args`` / ``example_kwargs`` for the call (``train=False``).
+    rebuild: ``widths -> apply_fn`` of the network at those widths, for ``target_flops``.
+    apply_fn: the dense network's apply function, for ``target_flops`` without ``rebuild``.
+    example_args: the positional arguments of the call whose FLOPs are counted (after the variables).
+    example_kwargs: its keyword arguments.
     method: ``"uniform"``, one ratio for every selected group (the largest-kept one that meets the budget);
       ``"global"``, the neurons of all selected groups ranked together by importance (each group's scores
       divided by their mean, as the built-in importances are), the least important removed first
@@ -241,8 +246,10 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
       against neurons removed (linear between the probes, the last slope beyond them), is replaced by its
       lower convex hull, whose slopes are the per-neuron scores: with the losses of the groups taken additive,
       cutting every neuron whose slope per unit of cost is below ``lambda`` is again the Lagrangian solution.
+    importance: the neuron importance, as :func:`ifjax.plan` takes it (default ``"l1"``).
     protect: groups (names or paper indices) that keep every neuron.
     groups: the groups that may be pruned (default all); ``protect`` is taken out of them.
+    curves: the :func:`ifjax.measure_sensitivity` result, for ``method="measured"`` (and only then).
 
   Every group keeps at least one neuron. The budget is met to within one neuron per group: the next step,
   one more neuron in every group (uniform) or the last neuron removed (global, sensitivity), would exceed it. A budget
@@ -296,18 +303,19 @@ def allocate(variables: Variables, spec: Spec, *, target_params: float | None = 
   memo: dict[tuple, float] = {}
   resized = None
   if target_flops is not None and rebuild is None:  # one resized function, re-evaluated at each set of widths
-    resized = resize(apply_fn, dense_shapes, dense_shapes, *example_args, **kwargs)
+    resized = resize(cast(Callable[..., Any], apply_fn), dense_shapes, dense_shapes, *example_args, **kwargs)  # checked
 
   def cost(kept: Mapping[str, int]) -> float:
     key = tuple(sorted(kept.items()))
     if key not in memo:
       shapes = resized_shapes(dense_shapes, spec, {g: sizes[g] - k for g, k in kept.items()})
       memo[key] = float(param_count(shapes)) if target_params is not None else \
-          flops(resized if rebuild is None else rebuild({**dense_widths, **kept}), shapes, *example_args, **kwargs)
+          flops(cast(Callable[..., Any], resized) if rebuild is None else rebuild({**dense_widths, **kept}), shapes,
+                *example_args, **kwargs)
     return memo[key]
 
   dense = cost(sizes)
-  target = float(target_params if target_params is not None else target_flops)
+  target = float(cast(float, target_params if target_params is not None else target_flops))  # one is given
   if target < 1:
     target *= dense
   smallest = cost({g: 1 for g in sizes})

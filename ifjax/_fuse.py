@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,8 +31,23 @@ from ifjax import _importance, _merging, _transport
 from ifjax._batchnorm import derived_bn, folded_flat, input_statistics
 from ifjax._errors import ArgumentTypeError, IfjaxError
 from ifjax._scalars import ScalarTypeError, python_scalar
-from ifjax._spec import (FlatMember, Group, Member, Spec, Variables, array_module, flatten, is_traced, member_rows,
-                         on_host, resized_spec, to_jax, unflatten, weight_members)
+from ifjax._spec import (
+  AnyArray,
+  FlatMember,
+  Group,
+  Member,
+  Spec,
+  Variables,
+  array_module,
+  flatten,
+  is_traced,
+  member_rows,
+  on_host,
+  resized_spec,
+  to_jax,
+  unflatten,
+  weight_members,
+)
 
 
 class GroupPlan(NamedTuple):
@@ -52,15 +68,15 @@ class GroupPlan(NamedTuple):
       ``repair="statistics"``), or None: nothing added.
   """
 
-  keep: jax.Array | None
-  importance: jax.Array
-  transport: jax.Array | None
-  producer_map: jax.Array | None
-  consumer_map: jax.Array | None
-  converged: jax.Array
-  marginal_error: jax.Array
-  iterations: jax.Array
-  producer_shift: jax.Array | None = None
+  keep: AnyArray | None
+  importance: AnyArray
+  transport: AnyArray | None
+  producer_map: AnyArray | None
+  consumer_map: AnyArray | None
+  converged: AnyArray | np.generic
+  marginal_error: AnyArray | np.generic
+  iterations: AnyArray | np.generic
+  producer_shift: AnyArray | None = None
 
   @property
   def n(self) -> int:
@@ -70,7 +86,8 @@ class GroupPlan(NamedTuple):
   @property
   def m(self) -> int:
     """The neuron count after the plan: kept neurons or fused targets (static, also under ``jit``)."""
-    return int(np.shape(self.keep if self.keep is not None else self.producer_map)[0])
+    rows = self.keep if self.keep is not None else self.producer_map  # a plan has one or the other
+    return int(np.shape(cast(AnyArray, rows))[0])
 
 
 class Plan(dict):
@@ -137,12 +154,13 @@ def _plan_flatten_with_keys(p: Plan):
 
 def _plan_unflatten(aux, children) -> Plan:
   names, spec, sizes, ndims = aux
-  return Plan(zip(names, children), spec, None if sizes is None else dict(sizes), None if ndims is None else dict(ndims))
+  return Plan(zip(names, children), spec, None if sizes is None else dict(sizes),
+              None if ndims is None else dict(ndims))
 
 
 jax.tree_util.register_pytree_with_keys(Plan, _plan_flatten_with_keys, _plan_unflatten,
                                         lambda p: (list(p.values()), p._aux()))
-Ratio = float | Mapping[str | int, float]
+Ratio = float | Mapping[str, float] | Mapping[int, float] | Mapping[str | int, float]
 GroupSelection = str | int | Iterable[str | int] | None
 
 
@@ -360,9 +378,11 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     if not traced and (np.sum(b) <= 0 or np.sum(a) <= 0):
       raise ValueError(f"group {name!r}: importance masses sum to zero")
     if traced:
+      assert y is not None  # x[keep], or the centroids
       cost = _transport.pairwise_distance(x, y, p=p)
     else:  # the exact solver does not wait for a compiled cost here: it solves a group while XLA computes the next
-      cost = _transport.kept_distance(x, keep, p) if keep is not None else _transport.host_distance(x, y, p)
+      cost = (_transport.kept_distance(x, keep, p) if keep is not None else
+              _transport.host_distance(x, cast(AnyArray, y), p))  # y: the centroids
       cost = cost if solver == "exact" else np.asarray(cost)
     problems[name] = (cost, a, b / xp.sum(b))
     if solver == "exact" and isinstance(cost, _transport.PendingCost):  # holds its inputs until it is done
@@ -502,7 +522,7 @@ def _as_plan(groups: Mapping[str, GroupPlan], spec: Spec, sizes: Mapping[str, in
 _INFLIGHT_BYTES = 64 * 2**20
 
 
-def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Array]:
+def transport_maps(t: AnyArray, normalization: str) -> tuple[AnyArray, AnyArray]:
   """(n, m) plan -> (producer_map, consumer_map), each (m, n). See the module docstring."""
   xp = array_module(t)
   one = xp.asarray(1.0, t.dtype)
@@ -514,7 +534,7 @@ def transport_maps(t: jax.Array, normalization: str) -> tuple[jax.Array, jax.Arr
   return (t / xp.where(col > 0, col, one)[None, :]).T, consumer
 
 
-def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, include_bias: bool) -> jax.Array:
+def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, include_bias: bool) -> AnyArray:
   """(n, d): per neuron, its producer rows and consumer columns concatenated (the OT features)."""
   rows = [member_rows(flat, m, n) for m in weight_members(flat, group)]
   if include_bias:
@@ -522,12 +542,12 @@ def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, in
   return array_module(*rows).concatenate(rows, axis=1)
 
 
-def _bias_members(flat, spec: Spec, group: Group) -> list[Member]:
+def _bias_members(flat, spec: Spec, group: Group) -> list[Member | FlatMember]:
   out = [m for m in group.producers if np.ndim(flat[m.path]) == 1]
   return out + [m for m, role in derived_bn(spec, group) if role == "shift" and m.path in flat]
 
 
-def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: bool = False) -> dict:
+def apply_plan(variables: Variables, spec: Spec, plan: Mapping[str, GroupPlan], *, keep_shapes: bool = False) -> dict:
   """New variables with every planned group reduced to its m neurons. Jit-able with ``spec`` static.
 
   BatchNorms are folded first; the folded (identity) BN arrays of a group's
@@ -569,7 +589,8 @@ def apply_plan(variables: Variables, spec: Spec, plan: Plan, *, keep_shapes: boo
   return _apply_folded(folded_flat(variables, spec), spec, plan, keep_shapes, traced)
 
 
-def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Plan, keep_shapes: bool, traced: bool) -> dict:
+def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Mapping[str, GroupPlan], keep_shapes: bool,
+                  traced: bool) -> dict:
   """:func:`apply_plan` on BN-folded flat variables and a plan already checked against them."""
 
   def roles(g: Group):
@@ -581,7 +602,8 @@ def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Plan, keep_shapes: 
   return out if traced else to_jax(out)
 
 
-def _with_shift_member(roles: list[tuple[Member, str]], flat: Mapping[str, Any]) -> list[tuple[Member, str]]:
+def _with_shift_member(roles: list[tuple[Member | FlatMember, str]],
+                       flat: Mapping[str, Any]) -> list[tuple[Member | FlatMember, str]]:
   """``roles`` with the last 1-d producer (the folded BN shift, else the layer's bias) marked
   ``"producer+shift"``: the member that also takes a plan's ``producer_shift``."""
   last = max((i for i, (m, role) in enumerate(roles) if role == "producer" and np.ndim(flat[m.path]) == 1),
@@ -591,7 +613,8 @@ def _with_shift_member(roles: list[tuple[Member, str]], flat: Mapping[str, Any])
   return [(m, "producer+shift" if i == last else role) for i, (m, role) in enumerate(roles)]
 
 
-def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Plan, roles, keep_shapes: bool = False) -> dict:
+def edit_members(flat: Mapping[str, Any], spec: Spec, plan: Mapping[str, GroupPlan], roles,
+                 keep_shapes: bool = False) -> dict:
   """``flat`` with every ``(member, role)`` of ``roles(group)`` reduced by its group's plan; other arrays as
   they are. Members sharing an axis (segments) are edited together, in offset order."""
   by_name = {g.name: g for g in spec.groups}
@@ -693,8 +716,8 @@ def relative_ratios(current: Mapping[str, int], target: Mapping[str, int]) -> di
   return {g: 1.0 - (m + 0.5) / current[g] for g, m in target.items() if m < current[g]}
 
 
-def iterative_fuse(variables: Variables, spec: Spec | Callable[[Mapping[str, int]], Spec], ratio: Ratio, *,
-                   steps: int = 4, groups: GroupSelection = None, fuse: bool = True, **options) -> dict:
+def iterative_fuse(variables: Variables, spec: Spec | Callable[[Mapping[str, int] | None], Spec], ratio: Ratio, *,
+                   steps: int = 4, groups: GroupSelection = None, fuse: bool = True, **options) -> Variables:
   """Intra-Fusion (``fuse=False``: default pruning) to ``ratio`` in ``steps`` steps, re-planning on the fused
   weights after each: step i cuts every group to ``kept_count(n, r * i / steps)`` neurons (the paper's
   dev code used 4 steps), so the last step lands on the one-shot widths and ``steps=1`` is ``intra_fuse``.
@@ -704,7 +727,7 @@ def iterative_fuse(variables: Variables, spec: Spec | Callable[[Mapping[str, int
   :func:`plan`. Returns the fused variables.
   """
   build = spec if callable(spec) and not isinstance(spec, Spec) else None
-  sp = spec if build is None else build(None)
+  sp = cast(Spec, spec) if build is None else build(None)  # build(None): the spec of the dense widths
   now = sp.validate(variables)
   ratios = {g.name: r for g, r in _ratios(sp, ratio, groups)}
   v = variables
@@ -824,7 +847,8 @@ def _checked(variables: Variables, spec: Spec) -> dict[str, int]:
   return sizes
 
 
-def _by_name(spec: Spec, mapping: Mapping[str | int, Any], what: str) -> dict[str, Any]:
+def _by_name(spec: Spec, mapping: Mapping[str, Any] | Mapping[int, Any] | Mapping[str | int, Any],
+             what: str) -> dict[str, Any]:
   """``{group name or paper index: value}`` -> ``{group name: value}``; ValueError for an unknown group or one
   given twice (by name and by index)."""
   out, keys = {}, {}
@@ -839,7 +863,7 @@ def _by_name(spec: Spec, mapping: Mapping[str | int, Any], what: str) -> dict[st
   return out
 
 
-def _check_plan(variables: Variables, spec: Spec, plan: Plan) -> None:
+def _check_plan(variables: Variables, spec: Spec, plan: Mapping[str, GroupPlan]) -> None:
   """ValueError naming the group unless every ``GroupPlan`` fits its group of n neurons in ``variables``:
   importance (n,), keep (m,) integer indices in [0, n), maps (m, n), 1 <= m <= n. Shapes are static under
   ``jit``; the index range is checked for concrete plans only."""
@@ -863,7 +887,7 @@ def _check_plan(variables: Variables, spec: Spec, plan: Plan) -> None:
     if gp.keep is not None and (np.ndim(gp.keep) != 1 or not jnp.issubdtype(gp.keep.dtype, jnp.integer)):
       raise ValueError(f"{where}: keep must be a 1-d integer array, got shape {np.shape(gp.keep)} "
                        f"dtype {gp.keep.dtype}")
-    m = np.shape(gp.keep)[0] if gp.keep is not None else np.shape(gp.producer_map)[0]
+    m = np.shape(gp.keep)[0] if gp.keep is not None else np.shape(cast(AnyArray, gp.producer_map))[0]
     if not 1 <= m <= n:
       raise ValueError(f"{where}: it keeps {m} neurons, expected 1 to {n}")
     if gp.producer_shift is not None and (gp.producer_map is None or np.shape(gp.producer_shift) != (m,)):

@@ -9,18 +9,27 @@ columns, not biases) with a mean and divide by the mean, as Torch-Pruning's
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
-
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ifjax._spec import Group, Member, Variables, array_module, flatten, member_rows, weight_members
+from ifjax._spec import (
+  AnyArray,
+  FlatMember,
+  Group,
+  Member,
+  Variables,
+  array_module,
+  flatten,
+  member_rows,
+  weight_members,
+)
 
-Importance = Callable[[Variables, Group], jax.Array]
+Importance = Callable[[Variables, Group], AnyArray]
 
 
 def group_size(flat: Mapping[str, Any], group: Group) -> int:
@@ -31,7 +40,7 @@ def group_size(flat: Mapping[str, Any], group: Group) -> int:
   return np.shape(flat[m.path])[m.axis] // (m.outer * m.inner) - m.offset
 
 
-def _reduce(flat, group, per_member: Callable[[jax.Array, Member], jax.Array]) -> jax.Array:
+def _reduce(flat, group, per_member: Callable[[AnyArray, Member | FlatMember], AnyArray]) -> AnyArray:
   n = group_size(flat, group)
   rows = [member_rows(flat, m, n) for m in weight_members(flat, group)]
   xp = array_module(*rows)
@@ -44,7 +53,7 @@ def _reduce(flat, group, per_member: Callable[[jax.Array, Member], jax.Array]) -
 def magnitude(p: float) -> Importance:
   """``sum |w|^p`` per neuron (p = inf: ``max |w|``), as Torch-Pruning's ``MagnitudeImportance(p)``."""
 
-  def fn(variables: Variables, group: Group) -> jax.Array:
+  def fn(variables: Variables, group: Group) -> AnyArray:
     if np.isinf(p):
       return _reduce(flatten(variables), group, lambda r, _: array_module(r).max(abs(r), axis=1))
     if p == 1:
@@ -54,7 +63,7 @@ def magnitude(p: float) -> Importance:
   return fn
 
 
-def lamp(variables: Variables, group: Group) -> jax.Array:
+def lamp(variables: Variables, group: Group) -> AnyArray:
   """LAMP (Lee et al. 2021) on squared L2 channel norms: ``s_i / sum_{j: s_j >= s_i} s_j``."""
   s = magnitude(2)(variables, group)
   xp = array_module(s)
@@ -72,7 +81,7 @@ def random(seed: int | jax.Array = 0) -> Importance:
   """Uniform random scores in (0, 1], drawn per group from ``seed`` and the group name."""
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
 
-  def fn(variables: Variables, group: Group) -> jax.Array:
+  def fn(variables: Variables, group: Group) -> AnyArray:
     n = group_size(flatten(variables), group)
     k = jax.random.fold_in(key, zlib.crc32(group.name.encode()))
     return 1.0 - jax.random.uniform(k, (n,))
@@ -102,7 +111,9 @@ def taylor(grads: Variables | None = None, *, loss_fn: Callable[..., jax.Array] 
     if not cache or cache[0][0] is not variables:
       params = variables["params"]
       rest = {k: v for k, v in variables.items() if k != "params"}
-      grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn({"params": p, **rest}, b)))
+      loss = loss_fn
+      assert loss is not None  # (grads is None)
+      grad_fn = jax.jit(jax.grad(lambda p, b: loss({"params": p, **rest}, b)))
       total = None
       for b in batches:
         g = grad_fn(params, b)
@@ -110,7 +121,7 @@ def taylor(grads: Variables | None = None, *, loss_fn: Callable[..., jax.Array] 
       cache[:] = [(variables, flatten({"params": total}))]
     return cache[0][1]
 
-  def fn(variables: Variables, group: Group) -> jax.Array:
+  def fn(variables: Variables, group: Group) -> AnyArray:
     flat = flatten(variables)
     g = flat_grads(variables)
     missing = [m.path for m in weight_members(flat, group) if m.path not in g]
@@ -142,7 +153,7 @@ def chip(feature_maps: Mapping[str, jax.Array | list[jax.Array]]) -> Importance:
     zeroed = jax.lax.map(lambda mk: nuc(a * mk[None]), masks)  # (n, batch)
     return jnp.mean(full[None] - zeroed, axis=1)
 
-  def fn(variables: Variables, group: Group) -> jax.Array:
+  def fn(variables: Variables, group: Group) -> AnyArray:
     if group.name not in feature_maps:
       raise ValueError(f"chip importance: no feature maps for group {group.name!r}")
     fms = feature_maps[group.name]
@@ -193,7 +204,7 @@ def resolve(importance: str | Importance | Mapping[str, Any]) -> Importance:
   if isinstance(importance, Mapping):
     scores = dict(importance)
 
-    def precomputed(variables: Variables, group: Group) -> jax.Array:
+    def precomputed(variables: Variables, group: Group) -> AnyArray:
       if group.name not in scores:
         raise ValueError(f"precomputed importance has no scores for group {group.name!r} (has {sorted(scores)})")
       return jnp.asarray(scores[group.name], jnp.float32)

@@ -20,9 +20,10 @@ consumer maps of a :class:`ifjax.GroupPlan`, or what modifies them:
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 
-def unit_rows(v: np.ndarray) -> np.ndarray:
+def unit_rows(v: npt.ArrayLike) -> np.ndarray:
   """(n, d) -> rows scaled to unit L2 norm (zero rows stay zero), float64."""
   v = np.asarray(v, np.float64)
   norm = np.linalg.norm(v, axis=1, keepdims=True)
@@ -98,8 +99,8 @@ def thresholded_transport(t: np.ndarray, unit: np.ndarray, keep: np.ndarray, thr
   return t
 
 
-def repair_statistics(producer_map: np.ndarray, mean: np.ndarray, sd: np.ndarray,
-                      corr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def repair_statistics(producer_map: npt.ArrayLike, mean: npt.ArrayLike, sd: npt.ArrayLike,
+                      corr: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
   """Data-free REPAIR of merged channels: per-row scale and shift of a producer map.
 
   Merged channel j is ``z_j = P[j] @ z`` (z: the group's folded pre-activations, mean ``mean``, deviation
@@ -110,7 +111,9 @@ def repair_statistics(producer_map: np.ndarray, mean: np.ndarray, sd: np.ndarray
 
   Args:
     producer_map: (m, n).
-    mean: (n,) channel means; sd: (n,) deviations (>= 0); corr: (n, n) correlation estimate.
+    mean: (n,) channel means.
+    sd: (n,) deviations (>= 0).
+    corr: (n, n) correlation estimate.
 
   Returns:
     ``(scale, shift)``, each (m,) float32.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,19 @@ from ifjax import _transport
 from ifjax._batchnorm import derived_bn, folded_flat, input_statistics, with_statistics
 from ifjax._fuse import ConvergenceWarning, GroupPlan, _bias_members, _check_choice, _checked, edit_members
 from ifjax._repair import mapped_statistics
-from ifjax._spec import Group, Member, Spec, Variables, flatten, member_rows, on_host, to_jax, unflatten
+from ifjax._spec import (
+  AnyArray,
+  FlatMember,
+  Group,
+  Member,
+  Spec,
+  Variables,
+  flatten,
+  member_rows,
+  on_host,
+  to_jax,
+  unflatten,
+)
 
 
 class GroupAlignment(NamedTuple):
@@ -47,14 +59,14 @@ class GroupAlignment(NamedTuple):
     cost_after: () float, ``sum(transport * cost)``, the mean cost after alignment.
   """
 
-  cost: jax.Array
-  transport: jax.Array
-  map: jax.Array
-  converged: jax.Array
-  marginal_error: jax.Array
-  iterations: jax.Array
-  cost_before: jax.Array
-  cost_after: jax.Array
+  cost: AnyArray
+  transport: AnyArray
+  map: AnyArray
+  converged: AnyArray
+  marginal_error: AnyArray
+  iterations: AnyArray
+  cost_before: AnyArray
+  cost_after: AnyArray
 
 
 class Alignment(NamedTuple):
@@ -99,6 +111,7 @@ def fuse_models(variables_list: Sequence[Variables], spec: Spec, *,
   aligned = align_models(variables_list, spec, mode=mode, apply_fn=apply_fn, batches=batches, solver=solver,
                          **options)
   flats = [flatten(v) for v in aligned.models]
+  w = cast(np.ndarray, w)  # align_models refused fewer than two models
   out = {}
   for path, a0 in flats[0].items():
     if not jnp.issubdtype(jnp.result_type(a0), jnp.floating):
@@ -184,7 +197,7 @@ def align_models(variables_list: Sequence[Variables], spec: Spec, *,
 def _weight_order(flat, spec: Spec, sizes: dict[str, int]) -> list[tuple[Group, list[tuple[Member, np.ndarray]]]]:
   """Groups in alignment order, each with its producer kernels and a mask of their entries (per neuron,
   raveled in ``member_rows`` order) that lie on axes already aligned (or on no group's axis)."""
-  owners: dict[tuple[str, int], list[tuple[str, Member]]] = {}
+  owners: dict[tuple[str, int], list[tuple[str, Member | FlatMember]]] = {}
   for g in spec.groups:
     for m in g.members:
       owners.setdefault((m.path, m.axis % np.ndim(flat[m.path])), []).append((g.name, m))
@@ -223,7 +236,7 @@ def _align_by_weights(anchor, flat, spec: Spec, sizes, order, p: float, include_
   for g, masks in order:
     n = sizes[g.name]
 
-    def vectors(f):
+    def vectors(f, g=g, n=n, masks=masks):
       rows = [member_rows(f, m, n)[:, mk] for m, mk in masks]
       rows += [member_rows(f, m, n) for m in _bias_members(f, spec, g)] if include_bias else []
       return jnp.concatenate(rows, axis=1) if rows else jnp.zeros((n, 0))
@@ -266,7 +279,7 @@ def _cost(x_anchor: jax.Array, x_model: jax.Array, p: float):
   return _transport.pairwise_distance(x_anchor, x_model, p=float(p))
 
 
-def _solve(names: Sequence[str], costs: list[jax.Array], *, solver, epsilon, threshold,
+def _solve(names: Sequence[str], costs: Sequence[AnyArray], *, solver, epsilon, threshold,
            max_iterations) -> dict[str, GroupAlignment]:
   """Uniform-marginal OT per (n, n) cost; ``{group name: GroupAlignment}``."""
   problems = [(c, jnp.full((c.shape[0],), 1.0 / c.shape[0]), jnp.full((c.shape[1],), 1.0 / c.shape[1])) for c in costs]
@@ -289,7 +302,7 @@ def _solve(names: Sequence[str], costs: list[jax.Array], *, solver, epsilon, thr
   return out
 
 
-def _maps_plan(group_maps: Iterable[tuple[Group, jax.Array]]) -> dict[str, GroupPlan]:
+def _maps_plan(group_maps: Iterable[tuple[Group, AnyArray]]) -> dict[str, GroupPlan]:
   """A plan whose (n, n) ``map`` per group is both its producer and its consumer map."""
   return {g.name: GroupPlan(None, jnp.zeros(mat.shape[0]), None, mat, mat, jnp.asarray(True), jnp.asarray(0.0),
                             jnp.asarray(0)) for g, mat in group_maps}

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax._batchnorm import derived_bn, input_statistics, train_mode_statistics, with_statistics
-from ifjax._fuse import Plan, edit_members
+from ifjax._fuse import GroupPlan, Plan, edit_members
 from ifjax._spec import Spec, Variables, flatten, on_host, to_jax, unflatten
 
 
@@ -103,7 +103,8 @@ def unfold_batchnorm(pruned: Variables, variables: Variables, spec: Spec, plan: 
   return to_jax(unflatten(with_statistics(on_host(flatten(pruned)), spec, statistics)))
 
 
-def mapped_statistics(statistics: Mapping[str, Any], spec: Spec, plan: Plan) -> dict[str, np.ndarray]:
+def mapped_statistics(statistics: Mapping[str, Any], spec: Spec,
+                      plan: Mapping[str, GroupPlan]) -> dict[str, np.ndarray]:
   """:func:`ifjax._batchnorm.input_statistics` of the original channels -> those of the planned channels: each
   group's producer map applied to the BN arrays of its producer layers (means and deviations map linearly)."""
   def roles(g):
@@ -148,6 +149,6 @@ def _batch_statistics(apply_fn, variables, batches) -> dict[str, jax.Array]:
     b = pass_(variables, x)
     total = b if total is None else {p: total[p] + b[p] for p in stat_paths}
     count += 1
-  if not count:
+  if not count or total is None:  # (total is None exactly when count is 0)
     raise ValueError("recalibrate_batchnorm needs at least one batch")
   return {p: t / count for p, t in total.items()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core
 import numpy as np
 
 from ifjax._errors import ArgumentTypeError
@@ -41,6 +42,8 @@ def python_scalar(x: Any, kinds: str = "iuf", what: str = "the value") -> Any:
                       "pass it as a Python number (a static argument)")
     return x
   if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
-    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) and np.dtype(x.dtype).kind in kinds:
+    # (jax.dtypes re-exports issubdtype without marking it public)
+    if (not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)  # pyright: ignore[reportPrivateImportUsage]
+        and np.dtype(x.dtype).kind in kinds):
       return np.asarray(x).item()
   return x

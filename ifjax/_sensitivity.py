@@ -24,8 +24,8 @@ import numpy as np
 
 from ifjax._batchnorm import derived_bn
 from ifjax._fuse import apply_plan, kept_count, plan
-from ifjax._repair import batch_statistics_pass, reset_batchnorm_affine
 from ifjax._importance import group_size
+from ifjax._repair import batch_statistics_pass, reset_batchnorm_affine
 from ifjax._scalars import python_scalar
 from ifjax._spec import Spec, Variables, flatten, unflatten
 
@@ -78,6 +78,7 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
     apply_fn: the dense network's linen ``module.apply``, called as ``apply_fn(v, x, train=False)`` and, with
       ``recalibrate``, ``apply_fn(v, x, train=True, mutable=["batch_stats"])`` (wrap it for e.g. a dropout rng).
     variables: the dense variables (with ``batch_stats`` for ``recalibrate``).
+    spec: the network's :class:`ifjax.Spec`.
     inputs: ``(N, *input_shape)`` inputs, e.g. :func:`ifjax.synthesize_inputs`' (data-free) or unlabelled
       images; split into batches of ``batch_size``.
     ratios: the ratios to probe, each in (0, 1).
@@ -85,6 +86,8 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
     recalibrate: re-estimate every BN's statistics on ``inputs`` before measuring, as
       :func:`ifjax.recalibrate_batchnorm` does (measure for a network whose BNs will be re-estimated);
       ``False`` measures the network as pruning or fusion leaves it (weights only).
+    batch_size: inputs per forward pass (and per BN re-estimation batch).
+    progress: show a progress bar over the probes.
     **plan_kwargs: for :func:`ifjax.plan` (e.g. ``method="default"`` for default pruning, ``normalization=``).
 
   Returns:
@@ -136,7 +139,9 @@ def measure_sensitivity(apply_fn: Callable[..., Any], variables: Variables, spec
     if not recalibrate:
       return f
     stats = [statistics(unflatten(f), xb) for xb in batches]
-    return {**f, **{p: (sum(s[p] for s in stats) / len(stats)).astype(f[p].dtype) for p in stat_paths}}
+    # (typeshed types a sum of arrays by its start value, 0)
+    return {**f, **{p: (sum(s[p] for s in stats) / len(stats)).astype(f[p].dtype)  # pyright: ignore[reportAttributeAccessIssue]
+                    for p in stat_paths}}
 
   def logits(f: dict) -> list[jax.Array]:
     v = unflatten(recalibrated(f))

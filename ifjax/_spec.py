@@ -17,15 +17,18 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
 from ifjax._errors import ArgumentTypeError
 
 Variables = Mapping[str, Any]
+# an array that is NumPy on the host path (small per-group work, no XLA compilation) and jax otherwise
+AnyArray = Union[jax.Array, np.ndarray]
 
 DEFAULT_BN_EPS = 1e-5  # flax.linen.BatchNorm's default epsilon.
 
@@ -141,8 +144,13 @@ class Group:
       raise ValueError(f"group {self.name!r}: exact must be a bool, got {self.exact!r}")
     object.__setattr__(self, "exact", bool(self.exact))
 
+  if TYPE_CHECKING:  # the constructor takes any sequences of members; __post_init__ stores them checked, as tuples
+    def __init__(self, name: str, producers: Iterable[Member | FlatMember | Sequence[Any]],
+                 consumers: Iterable[Member | FlatMember | Sequence[Any]] = (), size: int | None = None,
+                 exact: bool = True) -> None: ...
+
   @property
-  def members(self) -> tuple[Member, ...]:
+  def members(self) -> tuple[Member | FlatMember, ...]:
     return self.producers + self.consumers
 
 
@@ -153,10 +161,15 @@ class Spec:
   groups: tuple[Group, ...]
   batchnorms: tuple[BatchNormPair, ...] = ()
 
+  if TYPE_CHECKING:  # the constructor takes any sequences; __post_init__ stores tuples of checked BatchNormPairs
+    def __init__(self, groups: Iterable[Group],
+                 batchnorms: Iterable[BatchNormPair | Sequence[Any]] = ()) -> None: ...
+
   def __post_init__(self):
     object.__setattr__(self, "groups", tuple(self.groups))
     bns = []
-    for b in self.batchnorms:
+    given: tuple[Any, ...] = self.batchnorms  # as given to the constructor: not yet BatchNormPairs
+    for b in given:
       if isinstance(b, BatchNormPair):
         bns.append(b)
       elif isinstance(b, Sequence) and len(b) in (2, 3) and all(isinstance(x, str) for x in b[:2]):
@@ -266,7 +279,7 @@ class Spec:
     their offsets. Raises ``ValueError`` naming the path and sizes on any mismatch.
     """
     flat = flatten(variables)
-    owners: dict[tuple[str, int], list[tuple[Group, Member]]] = {}
+    owners: dict[tuple[str, int], list[tuple[Group, Member | FlatMember]]] = {}
     for g in self.groups:
       for m in g.members:
         arr = _lookup(flat, m.path, f"group {g.name!r}")
@@ -313,7 +326,7 @@ class Spec:
     return sizes
 
 
-def _neuron_axis_len(flat, m: Member) -> int:
+def _neuron_axis_len(flat, m: Member | FlatMember) -> int:
   return np.shape(flat[m.path])[m.axis] // (m.outer * m.inner)
 
 
@@ -325,21 +338,21 @@ def _lookup(flat: Mapping[str, Any], path: str, where: str):
   return flat[path]
 
 
-def member_rows(flat: Mapping[str, Any], m: Member, n: int) -> jax.Array:
+def member_rows(flat: Mapping[str, Any], m: Member | FlatMember, n: int) -> AnyArray:
   """The n neurons of member ``m`` as rows: (n, d) float32, neuron axis moved first (NumPy for NumPy input)."""
   xp = array_module(flat[m.path])
   arr = m.neurons_first(xp.asarray(flat[m.path], xp.float32))[m.offset:m.offset + n]
   return arr.reshape(n, -1)
 
 
-def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member]:
+def weight_members(flat: Mapping[str, Any], group: Group) -> list[Member | FlatMember]:
   """Members with a weight matrix (ndim >= 2): producer kernels and consumer kernels, sorted by (path, axis,
   offset), so that scores and costs, rounding included, do not depend on the order a spec lists them in."""
   return sorted((m for m in group.members if np.ndim(flat[m.path]) >= 2), key=lambda m: (m.path, m.axis, m.offset))
 
 
 # -- pytree helpers ------------------------------------------------------------
-def array_module(*arrays):
+def array_module(*arrays) -> Any:
   """``numpy`` when every argument is a NumPy array (the host path: no XLA compilation for small per-group
   work), else ``jax.numpy`` (jax arrays, tracers inside ``jit``)."""
   return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
@@ -371,8 +384,12 @@ class _Nested(dict):
   flat: dict
 
 
-jax.tree_util.register_pytree_node(  # a pytree like a dict (keys sorted); rebuilt as a plain dict
-    _Nested, lambda d: ([d[k] for k in sorted(d)], sorted(d)), lambda keys, values: dict(zip(keys, values)))
+# a pytree like a dict (keys sorted); rebuilt as a plain dict. The stub wants a hashable aux (a key list serves
+# while no treedef of a _Nested is hashed, e.g. as a jit cache key) and an unflatten to the same type (a _Nested
+# deliberately becomes a plain dict).
+jax.tree_util.register_pytree_node(
+    _Nested, lambda d: ([d[k] for k in sorted(d)], sorted(d)),  # pyright: ignore[reportArgumentType]
+    lambda keys, values: dict(zip(keys, values)))  # pyright: ignore[reportArgumentType, reportCallIssue]
 
 
 def flatten(variables: Variables) -> dict[str, Any]:
@@ -403,7 +420,7 @@ def unflatten(flat: Mapping[str, Any], keep_flat: bool = False) -> dict[str, Any
     for k in head:
       d = d.setdefault(k, {})
     d[last] = v
-  if keep_flat:
+  if isinstance(out, _Nested):  # keep_flat
     out.flat = dict(flat)
   return out
 
@@ -447,7 +464,7 @@ def match_groups(spec_a: Spec, spec_b: Spec, variables: Variables | None = None)
     for name in (n for n in mine if n not in done):
       members = mine[name][0] | mine[name][1]
       overlap = {o: len(members & (other[o][0] | other[o][1])) for o in other}
-      near = max(overlap, key=overlap.get, default=None)
+      near = max(overlap, key=lambda o: overlap[o], default=None)
       theirs = other[near][0] | other[near][1] if near is not None else frozenset()
       if not theirs & members:
         problems.append(f"{which} group {name!r} has no counterpart: no group of the other spec shares a member "
@@ -586,7 +603,7 @@ def _segment_widths(variables: Variables, spec: Spec) -> dict[str, int]:
     hi = min((1 - Fraction(sizes[g.name], g.size) for g in known), default=Fraction(0))
     for g in open_:
       w = math.floor(g.size * (1 - hi)) if g.size is not None and lo < hi else None
-      if w is None or w != math.ceil(g.size * (1 - lo)) - 1 or w < 1:
+      if w is None or g.size is None or w != math.ceil(g.size * (1 - lo)) - 1 or w < 1:
         raise ValueError(f"widths: the arrays do not determine the width of segment group {g.name!r}, and the groups "
                          "they do determine were not pruned at one common ratio; pass plan= (ifjax.widths(variables, "
                          "spec, plan) with the unpruned variables)")

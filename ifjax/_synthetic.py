@@ -97,6 +97,13 @@ def synthesize_inputs(apply_fn: Callable[..., Any], variables: Any, input_shape:
     variables: its variables, with ``batch_stats``.
     input_shape: one input's shape, e.g. ``(32, 32, 3)``.
     count: inputs to make, in batches of ``batch_size`` (the last may be smaller).
+    batch_size: inputs optimised together (>= 2: a BN needs a batch).
+    steps: Adam steps per batch (0: the starting noise).
+    learning_rate: Adam's learning rate.
+    input_mean: per-channel mean of the inputs (a scalar or one value per channel of the last axis).
+    input_std: per-channel standard deviation of the inputs (a scalar or one value per channel).
+    seed: seed of the starting noise.
+    progress: show a progress bar over the batches.
 
   Returns:
     :class:`SyntheticInputs`: the inputs and each batch's loss at every step.

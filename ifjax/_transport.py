@@ -9,14 +9,18 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from ifjax._errors import ArgumentTypeError
-from ifjax._spec import array_module
+from ifjax._spec import AnyArray, array_module
+
+_A = TypeVar("_A", jax.Array, np.ndarray)
+_Metric = Literal["cityblock", "euclidean", "chebyshev", "minkowski"]  # SciPy's names of the p-norm distances
 
 # n * m * d at or below which the cost is computed by SciPy on the host (no XLA compilation); above it, by
 # compiled tiles (p = 2: a BLAS matmul).
@@ -44,15 +48,16 @@ class Transport(NamedTuple):
     iterations: () int, Sinkhorn iterations (0 for the exact solver).
   """
 
-  matrix: jax.Array
-  converged: jax.Array
-  marginal_error: jax.Array
-  iterations: jax.Array
+  matrix: AnyArray
+  converged: AnyArray
+  marginal_error: AnyArray
+  iterations: AnyArray
 
 
 def check_p(p) -> float:
   """``p`` of the p-norm cost as a float; ValueError unless it is a real number with 0 < p <= inf."""
-  if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= math.inf:
+  # (numbers.Real's stub has no comparison with an int)
+  if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= math.inf:  # pyright: ignore[reportOperatorIssue]
     wrong_type = isinstance(p, bool) or not isinstance(p, numbers.Real)  # a TypeError, and a ValueError as before
     raise (ArgumentTypeError if wrong_type else ValueError)(
         f"p must be a number with 0 < p <= inf (the cost is the distance ||x - y||_p; p = inf: the largest "
@@ -66,7 +71,7 @@ def check_sinkhorn(epsilon, threshold, max_iterations) -> None:
   A negative epsilon would make Sinkhorn maximise the cost (and still report convergence); zero divides by zero.
   """
   for name, v in (("epsilon", epsilon), ("threshold", threshold)):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:  # pyright: ignore[reportOperatorIssue]
       wrong_type = isinstance(v, bool) or not isinstance(v, numbers.Real)
       raise (ArgumentTypeError if wrong_type else ValueError)(
           f"Sinkhorn {name} must be a finite number > 0, got {v!r}")
@@ -74,16 +79,18 @@ def check_sinkhorn(epsilon, threshold, max_iterations) -> None:
     raise ValueError(f"Sinkhorn max_iterations must be a positive int, got {max_iterations!r}")
 
 
-def normalize_rows(x: jax.Array, *, in_place: bool = False) -> jax.Array:
+def normalize_rows(x: AnyArray, *, in_place: bool = False) -> AnyArray:
   """(n, d) -> rows divided by their L2 norm; an all-zero row stays zero (no NaN). NumPy in, NumPy out;
   ``in_place`` overwrites a NumPy ``x`` (the same values, no second (n, d) array)."""
   xp = array_module(x)
   norm = xp.linalg.norm(x, axis=-1, keepdims=True)
   norm = xp.where(norm > 0, norm, xp.asarray(1.0, x.dtype))
-  return np.divide(x, norm, out=x) if in_place and xp is np else x / norm
+  if in_place and isinstance(x, np.ndarray):  # (xp is np)
+    return np.divide(x, norm, out=x)
+  return x / norm
 
 
-def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
+def pairwise_distance(x: AnyArray, y: AnyArray, p: float = 1.0) -> AnyArray:
   """(n, d), (m, d) -> (n, m) p-norm distances ``||x_i - y_j||_p`` (``torch.cdist``), float32.
 
   Identical rows are exactly 0 apart for every p, and no (n, m, d) array is formed. Small NumPy inputs
@@ -95,12 +102,12 @@ def pairwise_distance(x: jax.Array, y: jax.Array, p: float = 1.0) -> jax.Array:
   ``p``: 0 < p <= inf.
   """
   p = check_p(p)
-  if array_module(x, y) is np:
+  if isinstance(x, np.ndarray) and isinstance(y, np.ndarray):  # array_module(x, y) is np
     return np.asarray(host_distance(x, y, p))
   return _pairwise_tiled(x, y, p=float(p))
 
 
-def host_distance(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray | PendingCost:
+def host_distance(x: npt.ArrayLike, y: npt.ArrayLike, p: float) -> np.ndarray | PendingCost:
   """:func:`pairwise_distance` of NumPy inputs without waiting for the compiled kernel: a NumPy array, or
   a :class:`PendingCost` still being computed (``np.asarray`` waits for it), so the host can go on meanwhile,
   e.g. solve the OT problem of an earlier group. ``p`` checked by the caller."""
@@ -114,7 +121,7 @@ def host_distance(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray | Pendin
   return PendingCost(tiles, (x.shape[0], y.shape[0]), float(p), None)
 
 
-def kept_distance(x: np.ndarray, keep: np.ndarray, p: float) -> np.ndarray | PendingCost:
+def kept_distance(x: npt.ArrayLike, keep: np.ndarray, p: float) -> np.ndarray | PendingCost:
   """(n, d) NumPy rows, (m,) distinct kept row indices -> (n, m) ``host_distance(x, x[keep], p)``
   (a :class:`PendingCost` for large inputs). The (m, m) block among the kept rows is symmetric by construction,
   and computed once where that pays, which saves up to a quarter of the work: SciPy's ``pdist`` on the host,
@@ -161,7 +168,7 @@ class PendingCost:
   mirrored) against column tile j, and ``(-1 - i, j)``: row tile i of the dropped rows, for :func:`kept_distance`.
   """
 
-  def __init__(self, tiles: dict[tuple[int, int], jax.Array], shape: tuple[int, int], p: float,
+  def __init__(self, tiles: dict[tuple[int, int], AnyArray], shape: tuple[int, int], p: float,
                kept: tuple[np.ndarray, np.ndarray] | None):
     self.tiles, self.shape, self.p, self.kept = tiles, shape, p, kept
 
@@ -209,8 +216,10 @@ def _euclidean_matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   return out
 
 
-def _scipy_metric(p: float) -> tuple[str, dict]:
-  return {1.0: ("cityblock", {}), 2.0: ("euclidean", {}), math.inf: ("chebyshev", {})}.get(p, ("minkowski", {"p": p}))
+def _scipy_metric(p: float) -> tuple[_Metric, dict]:
+  metrics: dict[float, tuple[_Metric, dict]] = {1.0: ("cityblock", {}), 2.0: ("euclidean", {}),
+                                                math.inf: ("chebyshev", {})}
+  return metrics.get(p, ("minkowski", {"p": p}))
 
 
 def _pairwise_host(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
@@ -269,7 +278,7 @@ def _rows_distance(x: jax.Array, y: jax.Array, p: float) -> jax.Array:
   return out.transpose(0, 2, 1, 3).reshape(out.shape[0] * rows, -1)[:n, :m]
 
 
-def _root(out: jax.Array, p: float) -> jax.Array:
+def _root(out: _A, p: float) -> _A:
   return out if p == 1 or math.isinf(p) else out ** np.float32(1.0 / p)
 
 
@@ -303,7 +312,7 @@ def _host_tiles(x: np.ndarray, columns: bool) -> list[list[jax.Array]]:
           for i in range(0, padded.shape[0], _TILE)]
 
 
-def _tile_sums(xs: list[jax.Array], ys: list[jax.Array], p: float) -> jax.Array:
+def _tile_sums(xs: list[jax.Array], ys: list[jax.Array], p: float) -> AnyArray:
   """A row tile's and a column tile's feature chunks (:func:`_host_tiles`) -> their (_TILE, _TILE) sums (no
   root), one :func:`_tile_kernel` call per chunk, dispatched without waiting."""
   acc = np.zeros((_TILE, _TILE), np.float32)
@@ -325,7 +334,7 @@ def _marginal_error(t, a, b):
   return xp.maximum(xp.max(xp.abs(t.sum(1) - a)), xp.max(xp.abs(t.sum(0) - b)))
 
 
-def solve_exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> Transport:
+def solve_exact(cost: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike) -> Transport:
   """Exact EMD (POT's network simplex, ``ot.emd``), the authors' solver, in float64 on the host.
 
   Returns NumPy arrays (the plan as float32)."""
@@ -337,7 +346,8 @@ def solve_exact(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> Transport:
   t, log = ot.emd(a, b, cost, numItermax=max(100_000, 50 * cost.size), log=True, center_dual=False,
                   check_marginals=False)
   ok = log["result_code"] == 1
-  return Transport(t.astype(np.float32), np.asarray(ok), np.float32(_marginal_error(t, a, b)), np.asarray(0))
+  error = np.float32(_marginal_error(t, a, b))  # a NumPy scalar, used as the 0-d array it acts as
+  return Transport(t.astype(np.float32), np.asarray(ok), error, np.asarray(0))  # pyright: ignore[reportArgumentType]
 
 
 @functools.partial(jax.jit, static_argnames=("threshold", "max_iterations"))
@@ -354,12 +364,13 @@ def _sinkhorn_batch(cost, a, b, epsilon, threshold, max_iterations):
     geom = geometry.Geometry(cost_matrix=c / jnp.where(scale > 0, scale, 1.0), epsilon=epsilon)
     out = solver(linear_problem.LinearProblem(geom, a_, b_))
     t = out.matrix
-    return Transport(t, out.converged, _marginal_error(t, a_, b_), out.n_iters)
+    # (ott's annotations are the Python types; under vmap they are arrays)
+    return Transport(t, out.converged, _marginal_error(t, a_, b_), out.n_iters)  # pyright: ignore[reportArgumentType]
 
   return jax.vmap(one)(cost, a, b)
 
 
-def solve_sinkhorn(problems: Sequence[tuple[jax.Array, jax.Array, jax.Array]], *, epsilon: float = 1e-3,
+def solve_sinkhorn(problems: Sequence[tuple[AnyArray, AnyArray, AnyArray]], *, epsilon: float = 1e-3,
                    threshold: float = 1e-3, max_iterations: int = 10000) -> list[Transport]:
   """Entropic OT (OTT-JAX Sinkhorn, jit-compiled) for many (cost, a, b) problems at once.
 

