@@ -22,9 +22,10 @@ the accuracy on ``--limit`` CIFAR-10 test images. Cells already in ``--out/resul
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import pathlib
+import shlex
+import sys
 import time
 
 import jax
@@ -47,7 +48,7 @@ METHODS = {
 }
 FUSION = ["if_paper", "if_bary", "if_bary_repair", "if_bary_thr0.2", "neuron_merging", "model_folding"]
 FIELDS = ["model", "flops_target", "method", "recipe", "accuracy", "flops_kept", "params", "seconds",
-          "synthetic_images", "real_images", "distill_steps", "finetune_epochs"]
+          "synthetic_images", "real_images", "distill_steps", "finetune_epochs", "test_images"]
 
 
 def load_curves(path: pathlib.Path) -> ifjax.SensitivityCurves:
@@ -75,9 +76,16 @@ def main(argv=None):
   ap.add_argument("--train-images", type=int, default=10000, help="labelled training images for finetune<E>")
   ap.add_argument("--curves", type=pathlib.Path, help="saved SensitivityCurves (JSON) for the measured allocation")
   ap.add_argument("--limit", type=int, help="test images (class-balanced); default all 10,000")
+  ap.add_argument("--summarize", action="store_true", help="only rewrite results.md from --out/results.csv")
   ap.add_argument("--out", type=pathlib.Path, required=True)
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
+  if args.summarize:
+    write_markdown(_report.read_csv(args.out / "results.csv"), args)
+    return
+  with open(args.out / "commands.txt", "a") as f:  # every run that added cells, for results.md
+    f.write(shlex.join(["python", "experiments/compress.py", *argv]) + "\n")
 
   module, spec, variables = ifjax.models.pretrained(args.model)
   x, y = data.cifar10_jpeg("test", limit=args.limit)
@@ -117,10 +125,12 @@ def main(argv=None):
   path = args.out / "results.csv"
   rows = _report.read_csv(path) if path.exists() else []
   done = {(r["method"], r["recipe"]) for r in rows}
-  dense = {"model": args.model, "flops_target": args.flops, "method": "dense", "recipe": "-",
-           "accuracy": accuracy(module, variables), "flops_kept": 1.0, "params": ifjax.param_count(variables),
-           "seconds": 0, "synthetic_images": 0, "real_images": 0, "distill_steps": 0, "finetune_epochs": 0}
-  print(f"dense {args.model}: {dense['accuracy']:.2f}% on {len(y)} test images", flush=True)
+  if not any(r["method"] == "dense" for r in rows):
+    rows.append({"model": args.model, "flops_target": args.flops, "method": "dense", "recipe": "-",
+                 "accuracy": accuracy(module, variables), "flops_kept": 1.0, "params": ifjax.param_count(variables),
+                 "seconds": 0, "synthetic_images": 0, "real_images": 0, "distill_steps": 0, "finetune_epochs": 0,
+                 "test_images": len(y)})
+    _report.write_csv(path, FIELDS, rows)
   for recipe in args.recipes:
     for method in args.methods:
       if (method, recipe) in done:
@@ -150,24 +160,29 @@ def main(argv=None):
              "params": ifjax.param_count(result.variables), "seconds": seconds,
              "synthetic_images": len(synthetic.inputs) if recipe in ("bn", "distill") else 0,
              "real_images": report["real_images"], "distill_steps": report["distill_steps"],
-             "finetune_epochs": report["finetune_epochs"]}
+             "finetune_epochs": report["finetune_epochs"], "test_images": len(y)}
       rows.append(row)
       _report.write_csv(path, FIELDS, rows)
       print(f"{method:15s} {recipe:10s} {row['accuracy']:6.2f}%  FLOPs {100 * flops_kept:.1f}%  "
             f"{seconds:7.1f} s", flush=True)
-  write_markdown(rows, dense, args, len(y))
+  write_markdown(rows, args)
 
 
-def write_markdown(rows: list[dict], dense: dict, args, n_images: int) -> None:
+def write_markdown(rows: list[dict], args) -> None:
+  dense = next(r for r in rows if r["method"] == "dense")
+  rows = [r for r in rows if r["method"] != "dense"]
   recipes = list(dict.fromkeys(r["recipe"] for r in rows))
   methods = list(dict.fromkeys(r["method"] for r in rows))
   cell = {(r["method"], r["recipe"]): r for r in rows}
-  fmt = lambda r: f"{float(r['accuracy']):.2f}" if r else "-"
+  fmt = lambda r: f"{float(r['accuracy']):.2f}" if r else "-"  # noqa: E731
   body = [[m, *(fmt(cell.get((m, rc))) for rc in recipes)] for m in methods]
   cost = [[rc, *(f"{float(cell[(m, rc)]['seconds']):.0f} s" if (m, rc) in cell else "-" for m in methods)]
           for rc in recipes]
-  lines = [f"`python experiments/compress.py --model {args.model} --flops {args.flops}` ({n_images} CIFAR-10 test "
-           f"images; dense {dense['accuracy']:.2f}%; wall times on this machine's 2 CPU cores)", "",
+  commands = (args.out / "commands.txt").read_text().split("\n") if (args.out / "commands.txt").exists() else []
+  lines = ["Commands (each adds the cells it lacks to results.csv; `--summarize` rewrites this file):", "",
+           *(f"    {c}" for c in commands if c), "",
+           f"{dense['test_images']} CIFAR-10 test images; dense {float(dense['accuracy']):.2f}%; wall times on a "
+           "2-core CPU shared with other work (an upper bound of the cost).", "",
            "Accuracy (%) at the same allocation (tp_global_l1: its own):", "",
            *_report.markdown_table(["method", *recipes], body), "", "Wall time per cell (allocation, fusion, "
            "repair, distillation, fine-tuning; synthesis counted in bn / distill):", "",
