@@ -1,8 +1,8 @@
-"""Whole-network compression with :func:`ifjax.compress`: methods x recipes at one FLOP budget, with their cost.
+r"""Whole-network compression with :func:`ifjax.compress`: methods x recipes at one FLOP budget, with their cost.
 
     python experiments/compress.py --model resnet20 --flops 0.52 --out docs/results/compress_resnet20
-    python experiments/compress.py --model resnet56 --flops 0.52 --curves \\
-        docs/results/budget_resnet56_measured_10k/curves_default_recal_internal_256x200.json \\
+    python experiments/compress.py --model resnet56 --flops 0.52 --curves \
+        docs/results/budget_resnet56_measured_10k/curves_default_recal_internal_256x200.json \
         --out docs/results/compress_resnet56
 
 Every method prunes at the same allocation: measured on the synthetic inputs (each internal group pruned alone
@@ -174,7 +174,7 @@ def write_markdown(rows: list[dict], args) -> None:
   recipes = list(dict.fromkeys(r["recipe"] for r in rows))
   methods = list(dict.fromkeys(r["method"] for r in rows))
   cell = {(r["method"], r["recipe"]): r for r in rows}
-  fmt = lambda r: f"{float(r['accuracy']):.2f}" if r else "-"  # noqa: E731
+  fmt = lambda r: f"{float(r['accuracy']):.2f}" if r else "-"
   body = [[m, *(fmt(cell.get((m, rc))) for rc in recipes)] for m in methods]
   cost = [[rc, *(f"{float(cell[(m, rc)]['seconds']):.0f} s" if (m, rc) in cell else "-" for m in methods)]
           for rc in recipes]

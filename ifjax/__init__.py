@@ -16,8 +16,19 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and IDEs; at ru
   from ifjax._checkpoint import CheckpointError, CheckpointMismatchError, load_into, read_torch, state_dict
   from ifjax._compress import CompressResult, compress
   from ifjax._errors import ArgumentTypeError, IfjaxError
-  from ifjax._fuse import (ConvergenceError, ConvergenceWarning, GroupPlan, Plan, apply_plan, intra_fuse, iterative_fuse,
-                           kept_count, plan, prune, transport_maps)
+  from ifjax._fuse import (
+    ConvergenceError,
+    ConvergenceWarning,
+    GroupPlan,
+    Plan,
+    apply_plan,
+    intra_fuse,
+    iterative_fuse,
+    kept_count,
+    plan,
+    prune,
+    transport_maps,
+  )
   from ifjax._modelfusion import Alignment, GroupAlignment, align_models, fuse_models
   from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
   from ifjax._save import SaveFormatError, restore, save

@@ -30,7 +30,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -234,7 +234,7 @@ class _Unpickler(pickle.Unpickler):
     self._where = where
     self._load_storage = load_storage
 
-  def find_class(self, module, name):
+  def find_class(self, module: str, name: str):
     module = {"__builtin__": "builtins"}.get(module, module)
     obj = _ALLOWED.get((module, name))
     if obj is None:
@@ -261,7 +261,7 @@ def _check_memo(file, where: str, what: str):
   for op, arg, _ in pickletools.genops(file):
     count += 1
     if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-      top = max(top, arg)
+      top = max(top, cast(int, arg))  # (a PUT's argument is its memo index)
   if top >= count:
     raise CheckpointError(f"{where}: corrupt {what} (memo index {top} in a pickle of {count} opcodes)")
   file.seek(start)

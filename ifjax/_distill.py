@@ -9,7 +9,7 @@ import functools
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -182,13 +182,18 @@ def distill(student_module, student_variables: Mapping[str, Any], teacher_module
   always runs in eval mode and gets no gradient.
 
   Args:
-    student_module, student_variables: the pruned network (e.g. at ``ifjax.widths`` of ``ifjax.apply_plan``'s
-      output); called as ``module.apply(v, x, train=...)``, as :mod:`ifjax.train` does.
-    teacher_module, teacher_variables: the dense network; same input and number of outputs.
+    student_module: the pruned network's module (e.g. at ``ifjax.widths`` of ``ifjax.apply_plan``'s output);
+      called as ``module.apply(v, x, train=...)``, as :mod:`ifjax.train` does.
+    student_variables: the pruned network's variables.
+    teacher_module: the dense network's module; same input and number of outputs.
+    teacher_variables: the dense network's variables.
     inputs: (N, H, W, C) preprocessed float images (or (N, D) vectors for dense models), e.g. real images or
       ``ifjax.synthesize_inputs(...).inputs``; no labels. Batches of ``batch_size`` are drawn without replacement,
       reshuffled by ``(seed, epoch)`` after each pass (the remainder of a pass is dropped).
     steps: optimizer steps in total (a resumed run continues up to it).
+    batch_size: inputs per step.
+    temperature: ``T`` of the loss.
+    feature_weight: the weight of the feature loss ``F`` in the loss.
     optimizer: an optax transformation or a callable ``steps -> transformation``; default :func:`default_optimizer`
       (Adam, lr 1e-4, cosine decay over ``steps``). Its schedule depends on ``steps``, so a resume with a larger
       ``steps`` is refused as another optimizer: to extend a run pass an explicit optimizer (or
@@ -207,11 +212,14 @@ def distill(student_module, student_variables: Mapping[str, Any], teacher_module
       ``step_<s>``); a new call with the same directory continues from the last saved step with the same batches
       and keys, ending where an uninterrupted run ends. Resuming refuses other data, batch size, seed, loss
       settings or optimizer (see :func:`ifjax.train.fit`) and ``steps`` below the saved step; the mesh may change.
+    checkpoint_every: steps between checkpoints.
+    allow_optimizer_change: resume with another optimizer on purpose, as for :func:`ifjax.train.fit`.
     seed: the batch order (``(seed, epoch)``) and the augmentation keys.
     progress: a tqdm bar over the steps with the KL of the last logged window.
     log_every: steps per history entry (an entry is also logged at every checkpoint and at the last step, so with
       a ``checkpoint_dir`` the history of a resumed run equals that of an uninterrupted one).
-    data_axis, desc: the mesh axis of the batch; the progress bar's label.
+    data_axis: the mesh axis of the batch.
+    desc: the progress bar's label.
 
   Returns:
     :class:`DistillResult` ``(variables, history, seconds, images_seen)``.
@@ -274,6 +282,7 @@ def distill(student_module, student_variables: Mapping[str, Any], teacher_module
   fingerprint = {"kind": "distill", "inputs": [*map(int, inputs.shape)], "checksum": _checksum(inputs),
                  "batch_size": batch_size, "seed": seed, "temperature": temperature, "feature_weight": feature_weight,
                  "features": ["/".join(p) for p in paths], "train_bn": bool(train_bn), "augment": augment is not None}
+  optimizer = cast(optax.GradientTransformation, optimizer)  # (a factory's result)
   probe = train._probe(optimizer) if checkpoint_dir is not None else None
   state, history, start = train.init_state(student_module, student_variables, optimizer), [], 0
   if checkpoint_dir is not None:

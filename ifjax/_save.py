@@ -126,7 +126,7 @@ def write_tree(path: str | os.PathLike, tree: Any, meta: Mapping[str, Any]) -> P
     json.dumps(manifest)
   except (TypeError, ValueError) as e:
     raise TypeError(f"write_tree: meta must be JSON-serialisable: {e}") from None
-  items = {"meta": ocp.args.JsonSave(manifest)}
+  items: dict[str, Any] = {"meta": ocp.args.JsonSave(manifest)}
   if arrays:
     items["arrays"] = ocp.args.PyTreeSave(arrays)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry(ocp))) as ckptr:
@@ -251,8 +251,9 @@ def restore(path: str | os.PathLike, state_template: Any = None) -> tuple[dict, 
 def _pruned(variables: Variables, spec: Spec, plan: Mapping[str, Any], widths: Mapping[str, int] | None):
   """``(spec, widths)`` to save for the pruned ``variables`` of ``plan``: the plan's pruned spec and widths (the
   given ``widths`` if any)."""
-  if getattr(plan, "source_spec", None) is not None and spec != plan.source_spec and spec == plan.spec():
-    spec = plan.source_spec  # the pruned spec itself was passed
+  source: Any = getattr(plan, "source_spec", None)  # an ifjax.Plan's; any mapping of GroupPlans is taken
+  if source is not None and spec != source and spec == plan.spec():  # pyright: ignore[reportAttributeAccessIssue]
+    spec = source  # the pruned spec itself was passed
   which, after = pruned_widths(variables, spec, plan)
   if which == "before" and any(gp.m != gp.n for gp in plan.values()):
     raise ValueError("plan=: the variables are the ones the plan was made for; pass the pruned ones, "
@@ -274,14 +275,15 @@ def _name(keys) -> str:
 
 
 def _crc32(arr: np.ndarray) -> int:
-  return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+  # (an ndarray is a buffer; NumPy's stubs do not say so to zlib's)
+  return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
 
 
 def _leaf(node, keys) -> tuple[Any, dict]:
   """A leaf -> (array to store, manifest record). Fully addressable jax arrays are stored as NumPy."""
   record: dict[str, Any] = {"path": list(keys)}
   if isinstance(node, jax.Array):
-    if jax.dtypes.issubdtype(node.dtype, jax.dtypes.prng_key):
+    if jax.dtypes.issubdtype(node.dtype, jax.dtypes.prng_key):  # pyright: ignore[reportPrivateImportUsage]
       record.update(kind="key", impl=str(jax.random.key_impl(node)))
       node = jax.random.key_data(node)
     else:
@@ -380,7 +382,7 @@ def _restore_leaf(path: Path, record: dict, arr: np.ndarray | None):
   if kind == "jax":
     return jnp.asarray(arr)
   if kind == "key":
-    return jax.random.wrap_key_data(arr, impl=record["impl"])
+    return jax.random.wrap_key_data(arr, impl=record["impl"])  # pyright: ignore[reportArgumentType] (takes NumPy)
   if kind == "python":
     return arr.item()
   return arr[()] if kind == "numpy_scalar" else arr

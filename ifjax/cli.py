@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import enum
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
+from typing import cast, overload
 
 from ifjax._errors import IfjaxError
 
@@ -437,7 +440,11 @@ def _check_new_path(flag: str, path: Path, why: str):
     raise CliError(ExitCode.USAGE, f"{flag} {path}: the folder {parent} is not writable")
 
 
-def _group_keys(tokens) -> list[str | int] | None:
+@overload
+def _group_keys(tokens: None) -> None: ...
+@overload
+def _group_keys(tokens: Iterable[str]) -> list[str | int]: ...
+def _group_keys(tokens: Iterable[str] | None) -> list[str | int] | None:
   """Command-line group selectors: digits are paper indices, anything else a group name."""
   return None if tokens is None else [int(t) if t.isdigit() else t for t in tokens]
 
@@ -466,14 +473,14 @@ def _eval(args) -> int:
                        f"({', '.join(ifjax.models.names())}); if it is one, say which with --model")
       module = _fit_module(name, variables, spec, widths, source)
     else:
-      module, spec, variables = _load(name, source)
+      module, spec, variables = _load(cast(str, name), source)  # given: source is not a checkpoint directory
   else:
     if any(sep in args.source for sep in ("/", os.sep)) or args.source.startswith("."):
       raise CliError(ExitCode.BAD_CHECKPOINT, f"no checkpoint directory or weights file at {source.absolute()}")
     name = args.source
     _check_model(name)
     module, spec, variables = _load(name, None)
-  x, y, what = _test_set(name, args.data, args.limit)
+  x, y, what = _test_set(cast(str, name), args.data, args.limit)
   if args.batch_size < 1:
     raise CliError(ExitCode.USAGE, f"--batch-size must be positive, got {args.batch_size}")
   predict = jax.jit(lambda v, xb: module.apply(v, xb, train=False).argmax(-1))
@@ -495,8 +502,9 @@ def _test_set(name: str, which: str | None, limit: int | None):
   from ifjax import data
 
   kind = data.MODEL_PREPROCESS.get(name)
-  which = which or {"cifar_resnet": "cifar10-test", "lenet5": "mnist-test",
-                    "efficientnet_lite0": "imagenet-sample", "digits": "digits-test"}.get(kind)
+  default: dict[str | None, str] = {"cifar_resnet": "cifar10-test", "lenet5": "mnist-test",
+                                    "efficientnet_lite0": "imagenet-sample", "digits": "digits-test"}
+  which = which or default.get(kind)
   if which is None:
     raise CliError(ExitCode.USAGE, f"no default test set for {name}: pass --data ({', '.join(DATASETS)})")
   if limit is not None and limit < 1:
@@ -739,10 +747,11 @@ def _import(where: str):
     path = Path(where)
     if not path.is_file():
       raise CliError(ExitCode.USAGE, f"no Python file {path.absolute()}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    # (None for a file without a Python suffix: module_from_spec then fails on it, as before)
+    spec = cast(importlib.machinery.ModuleSpec, importlib.util.spec_from_file_location(path.stem, path))
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # pyright: ignore[reportOptionalMemberAccess] (a file location has a loader)
     return module
   if "" not in sys.path and os.getcwd() not in sys.path:
     sys.path.insert(0, os.getcwd())

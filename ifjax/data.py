@@ -25,6 +25,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -278,8 +279,8 @@ def digits(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
   except ImportError:
     raise DataMissingError("the digits data set ships with scikit-learn, which is not installed: "
                            "pip install scikit-learn (or ifjax[demo])") from None
-  d = load_digits()
-  parts = train_test_split(d.images.astype(np.uint8)[..., None], d.target.astype(np.int32), test_size=0.25,
+  d: Any = load_digits()  # a Bunch (scikit-learn's stubs: or a tuple, for return_X_y=True)
+  parts: list[Any] = train_test_split(d.images.astype(np.uint8)[..., None], d.target.astype(np.int32), test_size=0.25,
                            random_state=0, stratify=d.target)
   return (parts[0], parts[2]) if split == "train" else (parts[1], parts[3])
 
@@ -303,7 +304,7 @@ def _resize_crop(im, size: int, resize: int) -> np.ndarray:
   w, h = im.size
   if min(w, h) != resize:
     w, h = (resize, round(h * resize / w)) if w <= h else (round(w * resize / h), resize)
-    im = im.resize((w, h), Image.BICUBIC)
+    im = im.resize((w, h), Image.Resampling.BICUBIC)
   top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # as torchvision's CenterCrop
   return np.asarray(im.crop((left, top, left + size, top + size)))
 
@@ -355,6 +356,7 @@ def preprocess(model: str | None, images, *, mean=None, std=None, scale: float |
   [255.0, 255.0, 255.0]
   """
   x = np.asarray(images)
+  cfg: dict[str, Any]
   if model is None:
     name, cfg = "the model", {"mean": (0.0,), "std": (1.0,)}
     if x.ndim != 4:
@@ -483,7 +485,7 @@ def tfds_dataset(name: str, split: str, *, data_dir: str | os.PathLike | None = 
     raise ImportError(f"tfds_dataset needs tensorflow to read {name!r} from {builder.data_dir}, which is prepared as "
                       f"{sorted(f.value for f in builder.info.available_file_formats())} without array_record: "
                       "pip install 'ifjax[data]'") from e
-  ds = builder.as_dataset(split=split, as_supervised=True)
+  ds = builder.as_dataset(split=split, as_supervised=True)  # pyright: ignore[reportCallIssue] (tfds's decorator hides it)
   if name == "imagenet2012":
     ds = ds.map(_tf_resize_crop(tf), num_parallel_calls=tf.data.AUTOTUNE)
   if batch_size is not None:

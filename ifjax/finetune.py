@@ -26,7 +26,8 @@ from ifjax import _importance, train
 from ifjax._distill import DistillResult, default_optimizer, distill, gram_loss, kl_to_teacher  # noqa: F401 (public)
 from ifjax._fuse import _ratios, apply_plan, kept_count, plan, relative_ratios, step_widths  # noqa: F401 (public here)
 from ifjax._repair import recalibrate_batchnorm, unfold_batchnorm
-from ifjax._spec import Spec, widths as group_widths
+from ifjax._spec import Spec
+from ifjax._spec import widths as group_widths
 
 Model = str | Callable[[Mapping[str, int]], tuple[Any, Spec]]
 
@@ -77,12 +78,18 @@ def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float 
 
   Args:
     model: zoo name or ``widths -> (module, spec)``; ``variables`` are at the model's default widths.
+    variables: the dense variables.
     ratio: neuron sparsity per group (a number, or ``{group name or paper index: ratio}``).
     train_data: ``(images, labels)`` arrays, preprocessed (see :func:`ifjax.train.fit`).
     method: ``"if"`` (Intra-Fusion, :func:`ifjax.plan` with ``plan_options``) or ``"default"`` (keep the
       most important neurons).
+    groups: the groups to prune (default all; as for :func:`ifjax.plan`).
+    steps: pruning steps; step i prunes every group to ``kept_count(n, ratio * i / steps)`` neurons.
+    epochs_per_step: fine-tuning epochs after each pruning step.
+    finetune_epochs: fine-tuning epochs after the last step.
     importance: as for :func:`ifjax.plan`, or ``"taylor"``: Taylor scores from ``taylor_batches`` random
       training batches, recomputed at every step.
+    taylor_batches: training batches for the ``"taylor"`` importance.
     recalibrate: re-estimate the BatchNorm statistics on this many training batches after each pruning
       step (:func:`ifjax.recalibrate_batchnorm`; data-light); 0 = off (the paper's setting).
     unfold_bn: before each fine-tuning phase (and without ``recalibrate``), give the folded BNs estimated
@@ -90,8 +97,12 @@ def prune_and_finetune(model: Model, variables: Mapping[str, Any], ratio: float 
       that training-mode BN starts near the pruned model instead of renormalising its folded channels.
     optimizer: as for :func:`ifjax.train.fit`; default the paper's fine-tuning SGD (lr 0.01).
     eval_data: evaluated after each pruning step and each epoch.
-
-  The remaining arguments go to :func:`ifjax.train.fit`.
+    mesh: as for :func:`ifjax.train.fit`.
+    batch_size: as for :func:`ifjax.train.fit`.
+    augment: as for :func:`ifjax.train.fit`.
+    seed: step i trains, and draws its Taylor and recalibration batches, with ``seed + i``.
+    progress: as for :func:`ifjax.train.fit`.
+    **plan_options: for :func:`ifjax.plan` (``method="if"``).
   """
   if method not in ("if", "default"):
     raise ValueError(f"method must be 'if' or 'default', got {method!r}")

@@ -21,11 +21,11 @@ batches; each process then feeds only the shards its devices hold (see :func:`sh
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -306,7 +306,7 @@ class _Data:
       yield from self.fn(epoch)
       return
     order = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-    for i in range(self.steps):
+    for i in range(cast(int, self.steps)):  # array data: a number of steps
       idx = np.sort(order[i * self.batch_size:(i + 1) * self.batch_size])
       yield self.images[idx], self.labels[idx]
 
@@ -358,12 +358,15 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
   """Trains ``module`` from ``variables`` for ``epochs`` epochs; returns ``(variables, history)``.
 
   Args:
+    module: a flax.linen module called as ``module.apply(v, x, train=True)`` (see :func:`make_step`).
+    variables: its starting variables.
     train_data: ``(images, labels)`` arrays (images already preprocessed; shuffled per epoch with
       ``(seed, epoch)``, the last partial batch dropped) or a callable ``epoch -> iterable of (images,
       labels)`` batches (e.g. :func:`ifjax.data.tfds_batches`).
     optimizer: an optax transformation, or a callable ``steps_per_epoch -> transformation`` (e.g.
       ``functools.partial(paper_sgd, "train")``; needs the steps per epoch: array data, or a batch callable
       with a ``steps`` attribute such as :func:`ifjax.data.tfds_batches`).
+    epochs: epochs in all (a resume runs those after the saved epoch).
     mesh: data-parallel over ``data_axis`` (see :func:`make_step`).
     eval_data: evaluated after every epoch (``eval_accuracy`` in the history).
     checkpoint_dir: every ``checkpoint_every`` epochs, after the last one and when stopping early, the
@@ -377,7 +380,12 @@ def fit(module, variables: Mapping[str, Any], train_data: TrainData, *, epochs: 
     time_limit: seconds; the first epoch that ends later than this after the call began is the last one
       run (so a job fits a wall-clock allowance; with ``checkpoint_dir`` a later call continues).
     progress: a tqdm bar with the running loss and accuracy.
+    batch_size: images per step (array data).
+    seed: the shuffling and augmentation seed.
     augment: e.g. :func:`flip_crop`; the key of step s of epoch e is ``fold_in(fold_in(key(seed), e), s)``.
+    data_axis: the mesh axis the batch is split over.
+    desc: the progress bar's label.
+    checkpoint_every: epochs between checkpoints.
 
   Returns:
     The trained variables and one dict per epoch: ``epoch``, ``loss``, ``accuracy`` (train, running
@@ -443,7 +451,7 @@ def _optimizer(optimizer, steps_per_epoch: int | None) -> optax.GradientTransfor
     if steps_per_epoch is None:
       raise TrainingError("an optimizer factory needs the steps per epoch; with batch callables pass an optax "
                           "transformation")
-    return optimizer(steps_per_epoch)
+    return cast(optax.GradientTransformation, optimizer(steps_per_epoch))
   raise TrainingError(f"optimizer must be an optax transformation or a callable steps_per_epoch -> one, "
                       f"got {type(optimizer).__name__}")
 
@@ -467,10 +475,11 @@ def _probe(optimizer: optax.GradientTransformation) -> list[float] | None:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       fresh, out = optimizer.init(params), []
+      # (optax types updates as any array tree; they mirror params, a dict)
       for n in _PROBE_STEPS:
-        out.append(optimizer.update(grads, at(fresh, n), params)[0]["w"])
+        out.append(optimizer.update(grads, at(fresh, n), params)[0]["w"])  # pyright: ignore[reportIndexIssue]
       first, state = optimizer.update(grads, fresh, params)
-      out.append(optimizer.update(grads, state, optax.apply_updates(params, first))[0]["w"])
+      out.append(optimizer.update(grads, state, optax.apply_updates(params, first))[0]["w"])  # pyright: ignore[reportIndexIssue]
       return [float(v) for v in np.concatenate([np.asarray(u, np.float64).reshape(-1) for u in out])]
   except Exception:  # noqa: BLE001 (an optimizer whose update needs more than (grads, state, params))
     return None
@@ -478,7 +487,7 @@ def _probe(optimizer: optax.GradientTransformation) -> list[float] | None:
 
 def _classes_fn(module, variables, known: int | None) -> Callable[[np.ndarray], int | None]:
   """``images -> number of outputs``, computed once (``known`` if already known from array data)."""
-  memo = [] if known is None else [known]
+  memo: list[int | None] = [] if known is None else [known]
 
   def classes(images):
     if not memo:
