@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -31,7 +31,7 @@ from ifjax._sensitivity import measure_sensitivity
 from ifjax._spec import Spec
 from ifjax._synthetic import SyntheticInputs, synthesize_inputs
 
-Builder = Callable[[Mapping[str, int]], tuple[Any, Spec]]
+Builder = Callable[[Mapping[str, int]], tuple[Any, Spec | None]]  # (module, spec); no spec for a module
 
 
 class CompressResult(NamedTuple):
@@ -61,7 +61,7 @@ def _builder(model, variables: Mapping[str, Any]) -> Builder:
                               "the pruned widths; pass a zoo name or a callable widths -> (module, spec)")
     return lambda w: (model.clone(widths=tuple(sorted((k, int(v)) for k, v in w.items()))), None)
   if callable(model):
-    return model
+    return cast(Builder, model)
   raise ArgumentTypeError(f"compress: model must be a zoo name, a linen module with a 'widths' field, or a callable "
                           f"widths -> (module, spec); got {type(model).__name__}")
 
@@ -118,11 +118,11 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
     target_params: the fraction of the dense parameters to keep, in (0, 1).
     data: ``None`` (data-free), unlabelled images ``(N, H, W, C)`` preprocessed, or ``(images, labels)``; or
       :class:`ifjax.SyntheticInputs` made earlier (still data-free; reused instead of synthesized again).
-    method: ``plan``'s method (``"if"``, ``"default"``, ``"neuron_merging"``, ``"model_folding"``);
-      ``plan_options``: its other options (``normalization=``, ``repair="statistics"``, ...).
+    method: ``plan``'s method (``"if"``, ``"default"``, ``"neuron_merging"``, ``"model_folding"``).
+    plan_options: ``plan``'s other options (``normalization=``, ``repair="statistics"``, ...).
     allocation: ``"measured"`` (each group probed alone on the calibration inputs, :func:`ifjax.measure_sensitivity`,
       BNs re-estimated if ``repair``), ``"uniform"``, ``"global"`` or ``"sensitivity"`` (:func:`ifjax.allocate`).
-      ``curves``: :class:`ifjax.SensitivityCurves` measured earlier, for ``"measured"`` (not measured again).
+    curves: :class:`ifjax.SensitivityCurves` measured earlier, for ``"measured"`` (not measured again).
     groups: the groups that may be pruned (default all).
     protect: groups kept whole.
     input_shape: one input's shape, for the synthetic inputs and the FLOP count (default: ``data``'s, or the
@@ -131,9 +131,11 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
     calibration: calibration inputs: synthesized (``data=None``) or the first of ``data``'s images.
     synthetic_steps: Adam steps per batch of synthetic inputs.
     distill_steps: steps of :func:`ifjax.finetune.distill` toward the dense network on the calibration inputs
-      (flip-and-crop augmented; ``distill_options`` go to it). 0: none.
-    finetune_epochs: with labels, epochs of :func:`ifjax.train.fit` (``optimizer``: default SGD 0.01,
-      momentum 0.9, cosine) on ``data``.
+      (flip-and-crop augmented). 0: none.
+    distill_options: more arguments of :func:`ifjax.finetune.distill`.
+    finetune_epochs: with labels, epochs of :func:`ifjax.train.fit` on ``data``.
+    optimizer: the fine-tuning optimizer, as :func:`ifjax.train.fit` takes it; default SGD 0.01, momentum 0.9,
+      cosine decay.
     batch_size: of distillation and fine-tuning.
     mesh: data-parallel distillation and fine-tuning over its ``"data"`` axis.
     seed: of the synthetic inputs, distillation and fine-tuning.
@@ -162,7 +164,8 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
   module = build({})[0]
   shape = _input_shape(model, images, input_shape)
   train_apply = lambda m: (lambda v, x, **kw: m.apply(v, x, rngs={"dropout": jax.random.key(seed)}, **kw))
-  stages, report = [], {"synthetic_images": 0, "real_images": 0, "distill_steps": 0, "finetune_epochs": 0}
+  stages: list[dict[str, Any]] = []
+  report: dict[str, Any] = {"synthetic_images": 0, "real_images": 0, "distill_steps": 0, "finetune_epochs": 0}
 
   def stage(name: str, t0: float, **figures):
     stages.append({"stage": name, "seconds": time.perf_counter() - t0, **figures})
@@ -230,6 +233,7 @@ def compress(model, variables: Mapping[str, Any], spec: Spec, *, target_flops: f
           kl=result.history[-1]["kl"] if result.history else None)
 
   if finetune_epochs:
+    images, labels = cast(np.ndarray, images), cast(np.ndarray, labels)  # labelled data: checked above
     t0 = time.perf_counter()
     opt = optimizer if optimizer is not None else (
         lambda steps: optax.sgd(optax.cosine_decay_schedule(0.01, steps * finetune_epochs), momentum=0.9))
