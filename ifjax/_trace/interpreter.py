@@ -121,7 +121,7 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
   def whole(self, segs, what) -> list:
     """``segs`` with classes split so that each segment covers one whole class."""
     out = []
-    for seg in (x for seg in segs for x in self.resolve(seg)):
+    for seg in (x for part in segs for x in self.resolve(part)):
       if seg[0] == "flat":
         raise UnsupportedPrimitiveError(f"{what} on a flattened channel axis")
       s, l, c, o = seg
@@ -380,7 +380,7 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
     return None
 
   def add_per_channel(self, path, pax, segs, eqn_index):
-    for s, l, c, o in self.whole(segs, f"per-channel parameter {path!r}"):
+    for s, _l, c, _o in self.whole(segs, f"per-channel parameter {path!r}"):
       cls = self.classes[self.find(c)]
       m = Member(path, pax, s)
       if m not in [x for _, x in cls.producers]:

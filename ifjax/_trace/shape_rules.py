@@ -67,7 +67,7 @@ class _ShapeRules:
     cannot be a group and is frozen. Returns the labels of the two new axes."""
     heads, segs = [], self.whole(segs, what)
     d = None
-    for s, l, c, o in segs:
+    for s, l, c, _o in segs:
       cls = self.classes[c]
       if s % b or l % b:
         raise UnsupportedPrimitiveError(f"{what}: heads of {b} channels cut through a channel group at [{s}, {s + l})")

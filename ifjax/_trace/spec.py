@@ -60,7 +60,7 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
       roots.setdefault(root, tracer.classes[root])
   _check_shared(roots, shapes)
   groups = []
-  for root, cls in roots.items():
+  for cls in roots.values():
     kernels = [(i, m) for i, m in cls.producers if len(shapes[m.path]) >= 2]
     if cls.frozen or not kernels:
       continue
