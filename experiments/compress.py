@@ -41,12 +41,16 @@ METHODS = {
     "if_paper": dict(),
     "if_bary": dict(normalization="barycentric"),
     "if_bary_repair": dict(normalization="barycentric", repair="statistics"),
+    "if_bary_thr0.1": dict(normalization="barycentric", merge_threshold=0.1),
     "if_bary_thr0.2": dict(normalization="barycentric", merge_threshold=0.2),
+    "if_bary_thr0.3": dict(normalization="barycentric", merge_threshold=0.3),
+    "if_paper_thr0.2": dict(merge_threshold=0.2),
+    "if_bary_thr0.2_repair": dict(normalization="barycentric", merge_threshold=0.2, repair="statistics"),
     "neuron_merging": dict(method="neuron_merging"),
     "model_folding": dict(method="model_folding"),
     "tp_global_l1": dict(method="default"),  # with allocation="global"
 }
-FUSION = ["if_paper", "if_bary", "if_bary_repair", "if_bary_thr0.2", "neuron_merging", "model_folding"]
+FUSION = [m for m in METHODS if m not in ("default", "tp_global_l1")]
 FIELDS = ["model", "flops_target", "method", "recipe", "accuracy", "flops_kept", "params", "seconds",
           "synthetic_images", "real_images", "distill_steps", "finetune_epochs", "test_images"]
 

@@ -134,9 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("prune", formatter_class=fmt, epilog=_PRUNE_EPILOG, help="prune a zoo model and save it",
                      description="Prune (or Intra-Fuse) a zoo model to a ratio or a budget; write an ifjax checkpoint.")
-  p.add_argument("--model", required=True, help=f"zoo model: {', '.join(ZOO)}")
-  p.add_argument("--checkpoint", type=Path, help="PyTorch weights file, or an ifjax.save directory (default: the "
-                 "public weights under $IFJAX_DATA)")
+  p.add_argument("--model", required=True, help=f"zoo model ({', '.join(ZOO)}), or MODULE:FACTORY of your own "
+                 "(as 'ifjax trace' takes it; traced, saved with its pruned spec)")
+  p.add_argument("--checkpoint", type=Path, help="PyTorch weights file, a .npz of Flax arrays by path, or an "
+                 "ifjax.save directory (default: the public weights under $IFJAX_DATA; for MODULE:FACTORY, the "
+                 "factory's own variables)")
+  p.add_argument("--key-map", type=Path, metavar="FILE.json", help="MODULE:FACTORY with a PyTorch --checkpoint: "
+                 "{flax path: [torch key, layout]} (layouts conv, dense, vector)")
+  p.add_argument("--input-shape", help="MODULE:FACTORY giving a Module: its input shape, e.g. 1,32,32,3")
+  p.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE", help="MODULE:FACTORY: a keyword "
+                 "argument of the call")
   budget = p.add_mutually_exclusive_group(required=True)
   budget.add_argument("--ratio", type=float, help="neuron sparsity of every selected group, in [0, 1)")
   budget.add_argument("--target-flops", type=float, metavar="FRACTION",
@@ -254,6 +261,8 @@ def _prune(args) -> int:
     low_ok = flag == "--ratio"
     if value is not None and not ((0 <= value if low_ok else 0 < value) and value < 1):
       raise CliError(ExitCode.BAD_RATIO, f"{flag} must be in {'[0' if low_ok else '(0'}, 1), got {value}")
+  if ":" in args.model:
+    return _prune_factory(args)
   _check_model(args.model)
   _check_new_path("--out", args.out, "checkpoints are never overwritten")
   groups, protect = _group_keys(args.groups), _group_keys(args.protect)
@@ -393,6 +402,89 @@ def _train_set(name: str, count: int | None):
   except ValueError as e:
     raise CliError(ExitCode.USAGE, f"--data: {e}") from None
   return data.preprocess(name, x), y
+
+
+def _prune_factory(args) -> int:
+  """``prune --model MODULE:FACTORY``: a model of the user's own, traced, its weights from ``--checkpoint``."""
+  import ifjax
+
+  _check_new_path("--out", args.out, "checkpoints are never overwritten")
+  if args.synthetic_bn:
+    raise CliError(ExitCode.USAGE, "--synthetic-bn needs a zoo model; prune a MODULE:FACTORY model without it")
+  if args.target_flops is None and args.target_params is None and args.allocation != "uniform":
+    raise CliError(ExitCode.USAGE, "--allocation applies to --target-flops / --target-params")
+  args.factory = args.model
+  apply_fn, variables, example_args, example_kwargs = _factory(args)
+  spec = None
+  if args.checkpoint is not None:
+    if args.checkpoint.is_dir():
+      variables, spec, _ = _restore(args.checkpoint)
+    elif not args.checkpoint.is_file():
+      raise CliError(ExitCode.BAD_CHECKPOINT, f"--checkpoint {args.checkpoint}: no such file or directory")
+    else:
+      variables = _read_weights(args, variables)
+  try:
+    spec = spec or ifjax.trace_spec(apply_fn, variables, *example_args, **example_kwargs)
+  except ifjax.UnsupportedPrimitiveError as e:
+    raise CliError(ExitCode.SPEC_FAILED, f"trace_spec cannot follow {args.model}: {e}") from None
+  groups, protect = _group_keys(args.groups), _group_keys(args.protect)
+  opts = dict(method=args.method, repair=args.repair)
+  if args.method == "if":
+    opts.update(normalization=args.normalization, solver=args.solver, merge_threshold=args.merge_threshold)
+  elif args.method == "neuron_merging":
+    opts.update(merge_threshold=args.merge_threshold)
+  try:
+    ratio = args.ratio
+    if ratio is None:
+      what = "target_flops" if args.target_flops is not None else "target_params"
+      extra = dict(apply_fn=apply_fn, example_args=tuple(example_args), example_kwargs=example_kwargs) \
+          if what == "target_flops" else {}
+      alloc = ifjax.allocate(variables, spec, **{what: getattr(args, what)}, method=args.allocation, groups=groups,
+                             protect=protect or (), importance=args.importance, **extra)
+      ratio, groups = alloc.ratios, None
+    pl = ifjax.plan(variables, spec, ratio, groups=groups, importance=args.importance, **opts)
+  except ValueError as e:
+    code = ExitCode.BAD_RATIO if "budget" in str(e) or "ratio" in str(e) else ExitCode.USAGE
+    raise CliError(code, str(e)) from None
+  small = ifjax.apply_plan(variables, spec, pl)
+  try:
+    path = ifjax.save(args.out, small, spec, plan=pl)
+  except (OSError, ValueError) as e:
+    raise CliError(ExitCode.USAGE, f"--out {args.out}: cannot write the checkpoint: {e}") from None
+  widths, dense = pl.widths(), spec.validate(variables)
+  changed = [f"{g} {dense[g]}->{w}" for g, w in widths.items() if w != dense[g]]
+  print(f"{args.model} ({args.method}): {len(changed)} of {len(widths)} groups pruned, params "
+        f"{ifjax.param_count(variables):,} -> {ifjax.param_count(small):,}")
+  print(textwrap.fill(", ".join(changed) or "nothing removed", 110, initial_indent="  ", subsequent_indent="  "))
+  print(f"wrote {path}  (run it with ifjax.resize(apply_fn, dense_variables, small_variables, x))")
+  return ExitCode.OK
+
+
+def _read_weights(args, template):
+  """``--checkpoint`` file into ``template``'s tree: a ``.npz`` keyed by Flax paths, or PyTorch weights with
+  ``--key-map`` (JSON ``{flax path: [torch key, layout]}``, layouts conv / dense / vector)."""
+  import json
+
+  import numpy as np
+
+  import ifjax
+
+  try:
+    if args.checkpoint.suffix == ".npz":
+      with np.load(args.checkpoint) as arrays:
+        tensors = dict(arrays)
+      keys = {k: (k, "vector") for k in tensors}
+    else:
+      if args.key_map is None:
+        raise CliError(ExitCode.USAGE, f"--checkpoint {args.checkpoint} is not an ifjax.save directory or a .npz: "
+                       "a PyTorch file needs --key-map FILE.json ({flax path: [torch key, layout]})")
+      keys = {k: tuple(v) for k, v in json.loads(args.key_map.read_text()).items()}
+      tensors = ifjax.state_dict(ifjax.read_torch(args.checkpoint))
+    return ifjax.load_into(template, tensors, keys)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CliError(ExitCode.BAD_CHECKPOINT, f"--checkpoint {args.checkpoint}: {e}") from None
+  except ifjax.CheckpointError as e:
+    raise CliError(ExitCode.BAD_CHECKPOINT, f"--checkpoint {args.checkpoint}: {e}") from None
 
 
 def _train_apply(module):

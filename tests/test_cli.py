@@ -266,6 +266,34 @@ def test_compress_writes_a_checkpoint_eval_reads(tmp_path):
   assert res.returncode == 0 and "on digits-test, 450 images" in res.stdout, res.stderr
 
 
+def test_prune_a_model_of_your_own_from_a_factory(tmp_path, capsys):
+  """--model MODULE:FACTORY: traced, weights from a .npz by Flax path, saved with its pruned spec (no zoo)."""
+  import sys as _sys
+
+  _sys.path.insert(0, str(HELPERS.parent))
+  try:
+    from cli_models import ConvNet
+  finally:
+    _sys.path.remove(str(HELPERS.parent))
+  x = np.random.default_rng(1).standard_normal((2, 8, 8, 3)).astype(np.float32)
+  v = jax.tree.map(np.asarray, ConvNet().init(jax.random.key(3), x))
+  flat = {"/".join(p.key for p in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(v)[0]}
+  np.savez(tmp_path / "w.npz", **flat)
+  base = ["prune", "--model", f"{HELPERS}:linen_net", "--input-shape", "2,8,8,3", "--kwarg", "train=False"]
+  assert main([*base, "--checkpoint", str(tmp_path / "w.npz"), "--ratio", "0.5", "--out", str(tmp_path / "r")]) == 0
+  small, spec, widths, _ = ifjax.restore(tmp_path / "r")
+  traced = ifjax.trace_spec(ConvNet().apply, v, x, train=False)
+  want = ifjax.intra_fuse(v, traced, 0.5)
+  assert widths == {"conv": 3, "hidden": 2} and spec.validate(small) == widths
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), small, want)
+  assert main([*base, "--target-flops", "0.6", "--out", str(tmp_path / "f")]) == 0
+  assert "groups pruned" in capsys.readouterr().out
+  (tmp_path / "w.pt").write_bytes(b"not read")
+  assert main([*base, "--checkpoint", str(tmp_path / "w.pt"), "--ratio", "0.5", "--out", str(tmp_path / "t")]) \
+      == ExitCode.USAGE
+  assert "needs --key-map" in capsys.readouterr().err
+
+
 # -- errors: one line, a distinct exit code ------------------------------------------------------------
 # One case per exit code runs as a real subprocess; the other cases run in-process through main(), which is the
 # same code path without another ~1 s of imports each.
