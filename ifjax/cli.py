@@ -23,7 +23,7 @@ import sys
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
-from typing import cast, overload
+from typing import Any, cast, overload
 
 from ifjax._errors import IfjaxError
 
@@ -437,8 +437,8 @@ def _prune_factory(args) -> int:
     ratio = args.ratio
     if ratio is None:
       what = "target_flops" if args.target_flops is not None else "target_params"
-      extra = dict(apply_fn=apply_fn, example_args=tuple(example_args), example_kwargs=example_kwargs) \
-          if what == "target_flops" else {}
+      extra: dict[str, Any] = dict(apply_fn=apply_fn, example_args=tuple(example_args),
+                                   example_kwargs=example_kwargs) if what == "target_flops" else {}
       alloc = ifjax.allocate(variables, spec, **{what: getattr(args, what)}, method=args.allocation, groups=groups,
                              protect=protect or (), importance=args.importance, **extra)
       ratio, groups = alloc.ratios, None
