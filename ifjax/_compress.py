@@ -54,7 +54,7 @@ def _builder(model, variables: Mapping[str, Any]) -> Builder:
 
     if model not in models.names():
       raise ValueError(f"compress: unknown zoo model {model!r}; the zoo has {models.names()}")
-    return lambda w: models.get(model, num_classes=_classes(variables, model), widths=dict(w))
+    return lambda w: models.get(model, num_classes=models.num_classes(variables, model), widths=dict(w))
   if hasattr(model, "apply") and hasattr(model, "clone"):
     if "widths" not in getattr(model, "__dataclass_fields__", {}):
       raise ArgumentTypeError(f"compress: the module {type(model).__name__} has no 'widths' field to rebuild it at "
@@ -66,18 +66,13 @@ def _builder(model, variables: Mapping[str, Any]) -> Builder:
                           f"widths -> (module, spec); got {type(model).__name__}")
 
 
-def _classes(variables, name: str) -> int:
-  heads = {"mlp": "head", "lenet5": "linear2"}
-  return int(np.shape(variables["params"][heads.get(name, "fc")]["kernel"])[-1])
-
-
 def _data(data) -> tuple[np.ndarray | None, np.ndarray | None]:
   """``(images or None, labels or None)`` from ``data``, checked (synthetic inputs count as no data)."""
   if data is None or isinstance(data, SyntheticInputs):
     return None, None
-  images, labels = (data if isinstance(data, tuple) else (data, None))
   if isinstance(data, tuple) and len(data) != 2:
     raise ValueError(f"compress: data=(images, labels) expected, got a tuple of {len(data)}")
+  images, labels = data if isinstance(data, tuple) else (data, None)
   images = np.asarray(images)
   if images.ndim < 2 or images.shape[0] == 0:
     raise ValueError(f"compress: data holds no images (shape {images.shape}); pass data=None for the data-free recipe")

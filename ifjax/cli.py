@@ -60,7 +60,6 @@ ZOO = ("digits_cnn", "efficientnet_lite0", "lenet5", "mlp", "resnet110", "resnet
        "resnet50", "resnet56", "vgg11_bn")
 IMPORTANCES = ("l1", "l2", "lamp", "linf", "random")
 DATASETS = ("cifar10-test", "cifar10-train", "cifar10-lossless", "mnist-test", "imagenet-sample", "digits-test")
-_HEADS = {"mlp": "head", "lenet5": "linear2"}  # the zoo's classifier layer where it is not "fc"
 
 _EXIT_CODES = """exit codes:
   0 success, 2 usage, 3 missing data (looked under $IFJAX_DATA), 4 bad checkpoint, 5 bad ratio or budget,
@@ -689,8 +688,6 @@ def _restore(path: Path):
 def _fit_module(name: str, variables, spec, widths, source: Path):
   """The zoo module ``name`` at ``widths``, with the class count of ``variables``' classifier layer, after checking
   that ``spec`` (the checkpoint's) is that model's."""
-  import numpy as np
-
   import ifjax
 
   try:
@@ -702,7 +699,7 @@ def _fit_module(name: str, variables, spec, widths, source: Path):
     raise CliError(ExitCode.BAD_CHECKPOINT, f"{source} does not hold a {name}: its saved spec is not {name}'s at the "
                    f"saved widths (it is {other or 'no zoo model'}'s)")
   try:
-    classes = int(np.shape(variables["params"][_HEADS.get(name, "fc")]["kernel"])[-1])
+    classes = ifjax.models.num_classes(variables, name)
   except (KeyError, TypeError, IndexError) as e:
     raise CliError(ExitCode.BAD_CHECKPOINT, f"{source} does not hold a {name}: no classifier layer {e}") from None
   return ifjax.models.get(name, num_classes=classes, widths=widths)[0]

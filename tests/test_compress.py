@@ -84,6 +84,8 @@ def test_bad_inputs_name_the_argument(digits):
   with pytest.raises(ValueError, match="data holds no images"):
     call(target_flops=0.5, data=np.zeros((0, 8, 8, 1), np.float32))
   images = np.zeros((16, 8, 8, 1), np.float32)
+  with pytest.raises(ValueError, match=r"data=\(images, labels\) expected, got a tuple of 3"):
+    call(target_flops=0.5, data=(images, np.zeros(16, np.int32), None))
   with pytest.raises(ValueError, match=r"labels must be integers of shape \(16,\)"):
     call(target_flops=0.5, data=(images, np.zeros((16, 10), np.int32)))
   with pytest.raises(ValueError, match="finetune_epochs needs labelled data"):

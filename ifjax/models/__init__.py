@@ -57,6 +57,16 @@ def get(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = Non
   return make_module(num_classes=num_classes, widths=tuple(sorted((k, int(v)) for k, v in widths.items()))), spec
 
 
+# the zoo's classifier layer where it is not "fc"
+_HEADS = {"mlp": "head", "lenet5": "linear2"}
+
+
+def num_classes(variables, name: str) -> int:
+  """The class count of zoo model ``name``'s ``variables``: the output width of its classifier layer (KeyError
+  if the variables have no such layer)."""
+  return int(np.shape(variables["params"][_HEADS.get(name, "fc")]["kernel"])[-1])
+
+
 def torch_keys(name: str) -> dict[str, tuple[str, str]]:
   """``{flax path: (torch state_dict key, layout)}`` for a model with a public PyTorch checkpoint."""
   if name not in _ZOO or _ZOO[name][2] is None:
@@ -140,4 +150,4 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
 
 
 __all__ = ["CifarResNet", "DigitsCNN", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN",
-           "checkpoint_path", "get", "names", "pretrained", "pretrained_names", "torch_keys"]
+           "checkpoint_path", "get", "names", "num_classes", "pretrained", "pretrained_names", "torch_keys"]
