@@ -3,6 +3,10 @@
 * :func:`folds` splits n examples into k disjoint, equal folds; :func:`subsets` lists the C(k, k/2)
   training sets (unions of k/2 folds, each half the data: k=2 gives two disjoint halves, k=4 six
   overlapping halves).
+* :func:`split` also gives label-skewed folds (``skew=0.8``: 80/20 of each class, :func:`skewed_folds`) and
+  overlapping training sets (``overlap=0.3``: 30% of the data shared by every model, 65% subsets for k=2).
+* :func:`train_pinned` trains each model in its own process pinned to its own CPU cores (``os.sched_setaffinity``,
+  single-threaded XLA per core): a real, measured Split-Data speed-up on a CPU (:mod:`ifjax._pinned`).
 * :func:`train_models` trains one model per training set side by side with a model axis
   (:func:`ifjax.train.fit_many`): on a ``("models", "data")`` mesh each model has its own devices and
   no gradient crosses between models; weights meet only once, at fusion.
@@ -26,6 +30,7 @@ import numpy as np
 from ifjax import finetune, train
 from ifjax._errors import IfjaxError
 from ifjax._modelfusion import fuse_models
+from ifjax._pinned import PinnedError, PinnedResult, core_sets, fit_job, run_pinned, train_pinned  # noqa: F401 (public)
 from ifjax._scalars import python_scalar
 
 
@@ -85,24 +90,122 @@ def subsets(k: int) -> list[tuple[int, ...]]:
   return list(itertools.combinations(range(k), k // 2))
 
 
-def split(data: tuple[np.ndarray, np.ndarray], k: int = 2, seed: int = 0,
-          drop_remainder: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-  """``(images, labels)`` -> one training set per model (see :func:`subsets`)."""
+def split(data: tuple[np.ndarray, np.ndarray], k: int = 2, seed: int = 0, drop_remainder: bool = False, *,
+          skew: float | None = None, overlap: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+  """``(images, labels)`` -> one training set per model: the unions of k/2 of k folds (see :func:`subsets`).
+
+  Args:
+    data: ``(images, labels)`` arrays of equal length.
+    k: the fold count (even; k=2 gives two halves, k=4 the six unions of two folds).
+    seed: draws the folds (and the shared part); the same seed gives the same sets.
+    drop_remainder: leave out the few examples that do not divide into k equal folds (IID folds only).
+    skew: None (IID folds) or a fraction in ``[1/k, 1]``: class c (the c-th of the sorted labels) puts
+      ``round(skew * n_c)`` of its ``n_c`` examples in fold ``c mod k`` and spreads the rest evenly over the other
+      folds (k=2, ``skew=0.8``: 80/20 halves, alternating which half by class). Needs at least k classes
+      (every fold is some class's major fold). Folds are disjoint and complete but need not be equal in size
+      (they are when every class has the same count and k divides the number of classes).
+    overlap: None or a fraction in ``(0, 1)`` of the data shared by every model: ``round(overlap * n)``
+      random examples join every training set, and the other examples are folded as above. With k=2 each
+      model sees ``overlap + (1 - overlap) / 2`` of the data: ``overlap=0.2`` gives 60% subsets, ``0.3`` 65%,
+      ``0.4`` 70%.
+
+  Returns:
+    One ``(images, labels)`` pair per model (C(k, k/2) of them), each in the data's original order.
+
+  >>> x, y = np.arange(40), np.arange(40) % 2
+  >>> [np.bincount(ly).tolist() for _, ly in split((x, y), 2, skew=0.8)]
+  [[16, 4], [4, 16]]
+  >>> [len(ly) for _, ly in split((x, y), 2, overlap=0.3)]
+  [26, 26]
+  """
   images, labels = data
   if len(images) != len(labels):
     raise SplitDataError(f"{len(images)} images but {len(labels)} labels")
-  parts = folds(len(images), k, seed, drop_remainder)
+  k = _fold_count(k, "split")
+  sets = subsets(k)
+  n = len(images)
+  rng = np.random.default_rng(seed)
+  shared = np.zeros(0, np.int64)
+  rest = np.arange(n)
+  if skew is None and overlap is None:
+    parts = folds(n, k, seed, drop_remainder)  # the same folds as before skew / overlap existed
+  elif overlap is not None:
+    if not 0.0 < float(overlap) < 1.0:
+      raise SplitDataError(f"split: overlap is the fraction of the data every model shares, in (0, 1), got "
+                           f"{overlap!r}")
+    perm = rng.permutation(n)
+    shared, rest = np.sort(perm[:round(float(overlap) * n)]), np.sort(perm[round(float(overlap) * n):])
+  if skew is None and overlap is None:
+    pass
+  elif skew is None:
+    parts = [rest[f] for f in folds(len(rest), k, int(rng.integers(2**31)), drop_remainder)]
+  else:
+    parts = [rest[f] for f in skewed_folds(np.asarray(labels)[rest], k, skew, int(rng.integers(2**31)))]
   out = []
-  for s in subsets(k):
-    idx = np.sort(np.concatenate([parts[i] for i in s]))
+  for s in sets:
+    idx = np.sort(np.concatenate([shared] + [parts[i] for i in s]))
     out.append((images[idx], labels[idx]))
   return out
+
+
+def skewed_folds(labels, k: int, skew: float, seed: int = 0) -> list[np.ndarray]:
+  """k disjoint folds of ``range(len(labels))`` covering it, label-skewed: the c-th class (sorted labels) puts
+  ``round(skew * n_c)`` examples in fold ``c mod k`` and the rest, as evenly as possible, in the others (see
+  :func:`split`).
+
+  >>> [f.tolist() for f in skewed_folds(np.array([0, 0, 0, 0, 1, 1, 1, 1]), 2, 0.75)]
+  [[0, 1, 2, 4], [3, 5, 6, 7]]
+  """
+  k = _fold_count(k, "skewed_folds")
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise SplitDataError(f"skewed_folds: labels must be one class index per example, got shape {labels.shape}")
+  skew = float(skew)
+  if not 1.0 / k <= skew <= 1.0:
+    raise SplitDataError(f"skewed_folds: skew is the share of each class in its major fold, in [1/k, 1] = "
+                         f"[{1.0 / k:.3g}, 1] for k={k}, got {skew!r}")
+  classes = np.unique(labels)
+  if len(classes) < k:
+    raise SplitDataError(f"a skewed split into k={k} folds needs at least {k} classes (one major class per fold), "
+                         f"but the labels hold {len(classes)}: {classes.tolist()}")
+  rng = np.random.default_rng(seed)
+  parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+  for j, c in enumerate(classes):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    major = j % k
+    n_major = round(skew * len(idx))
+    parts[major].append(idx[:n_major])
+    others = [(major + 1 + i) % k for i in range(k - 1)]
+    others = others[j % (k - 1):] + others[:j % (k - 1)]  # rotate who gets the remainder
+    for fold, chunk in zip(others, np.array_split(idx[n_major:], k - 1)):
+      parts[fold].append(chunk)
+  return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def check_equal(datasets: Sequence, who: str = "train_models") -> int:
+  """The common size of ``datasets`` (``(images, labels)`` pairs); ``SplitDataError`` when they differ."""
+  sizes = [len(d[1]) for d in datasets]
+  if len(set(sizes)) > 1:
+    raise SplitDataError(f"{who}: the training sets must be equal in size (one program steps every model in "
+                         f"lockstep), got sizes {sizes}; use split(..., drop_remainder=True), balanced classes for a "
+                         f"skewed split, or ifjax.split_data.train_pinned (one process per model)")
+  return sizes[0] if sizes else 0
 
 
 def train_models(module, variables: Sequence[Mapping[str, Any]], datasets: Sequence, *, epochs: int, optimizer,
                  mesh=None, **fit_options) -> tuple[list[dict], list[dict], float]:
   """Trains model i on ``datasets[i]``, all at once (one program, a model axis). With a ``("models",
-  "data")`` mesh the models sit on disjoint device sets. Returns ``(variables, history, seconds)``."""
+  "data")`` mesh the models sit on disjoint device sets. Returns ``(variables, history, seconds)``.
+
+  The training sets must be equal in size, and the mesh's ``models`` axis (if any) must give every model
+  its own devices (``SplitDataError`` otherwise).
+  """
+  if all(isinstance(d, (tuple, list)) and len(d) == 2 for d in datasets):
+    check_equal(datasets)
+  if mesh is not None and "models" in mesh.axis_names and len(datasets) > mesh.shape["models"]:
+    raise SplitDataError(f"train_models: {len(datasets)} models but the mesh's 'models' axis has "
+                         f"{mesh.shape['models']} device groups ({mesh.devices.size} devices): every model needs "
+                         f"its own devices")
   t0 = time.perf_counter()
   out, history = train.fit_many(module, variables, datasets, epochs=epochs, optimizer=optimizer, mesh=mesh,
                                 **fit_options)
@@ -123,15 +226,21 @@ def _evaluate(module, variables, eval_data, mesh):
 def prune_and_fuse(model: finetune.Model, models: Sequence[Mapping[str, Any]], ratio, train_data, *,
                    prune_epochs: int, finetune_epochs: int, steps: int = 1, method: str = "if",
                    fusion: str = "activations", fusion_samples: int = 200, eval_data=None, mesh=None,
-                   seed: int = 0, **options) -> SplitResult:
-  """PaF: each model is pruned (``steps`` x ``prune_epochs`` epochs on the whole data), the pruned
-  models are fused with OT, and the result is fine-tuned ``finetune_epochs`` epochs."""
-  seconds, history, pruned = {}, {}, []
+                   seed: int = 0, after_prune_epochs: int = 0, pruned=None, **options) -> SplitResult:
+  """PaF: each model is pruned (``steps`` x ``prune_epochs`` epochs on the whole data, then
+  ``after_prune_epochs`` more: the paper fine-tunes after the iterative pruning and after fusion), the pruned
+  models are fused with OT, and the result is fine-tuned ``finetune_epochs`` epochs.
+
+  ``pruned``: the models' :class:`ifjax.finetune.PruneResult` when already pruned elsewhere (e.g. each in its
+  own process, :func:`run_pinned`); ``seconds["prune"]`` is then 0 and the caller times that phase.
+  """
+  seconds, history = {}, {}
   t0 = time.perf_counter()
-  for i, v in enumerate(models):
-    r = finetune.prune_and_finetune(model, v, ratio, train_data, method=method, steps=steps,
-                                    epochs_per_step=prune_epochs, mesh=mesh, seed=seed + 100 * i, **options)
-    pruned.append(r)
+  if pruned is None:
+    pruned = [prune_one(model, v, ratio, train_data, steps=steps, prune_epochs=prune_epochs,
+                        after_prune_epochs=after_prune_epochs, method=method, mesh=mesh, seed=seed + 100 * i, **options)
+              for i, v in enumerate(models)]
+  for i, r in enumerate(pruned):
     history[f"prune_{i}"] = r.history
   seconds["prune"] = time.perf_counter() - t0
   module, spec = pruned[0].module, pruned[0].spec
@@ -150,9 +259,9 @@ def prune_and_fuse(model: finetune.Model, models: Sequence[Mapping[str, Any]], r
 def fuse_and_prune(model: finetune.Model, models: Sequence[Mapping[str, Any]], ratio, train_data, *,
                    prune_epochs: int, finetune_epochs: int, steps: int = 1, method: str = "if",
                    fusion: str = "activations", fusion_samples: int = 200, eval_data=None, mesh=None,
-                   seed: int = 0, **options) -> SplitResult:
+                   seed: int = 0, after_prune_epochs: int = 0, **options) -> SplitResult:
   """FaP: the models are fused with OT and fine-tuned ``finetune_epochs`` epochs on the whole data, then
-  pruned (``steps`` x ``prune_epochs`` epochs)."""
+  pruned (``steps`` x ``prune_epochs`` epochs, then ``after_prune_epochs`` more)."""
   build = finetune.model_builder(model)
   module, spec = build({})
   seconds, history = {}, {}
@@ -165,10 +274,21 @@ def fuse_and_prune(model: finetune.Model, models: Sequence[Mapping[str, Any]], r
   seconds["finetune"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   r = finetune.prune_and_finetune(model, fused, ratio, train_data, method=method, steps=steps,
-                                  epochs_per_step=prune_epochs, eval_data=eval_data, mesh=mesh, seed=seed, **options)
+                                  epochs_per_step=prune_epochs, finetune_epochs=after_prune_epochs,
+                                  eval_data=eval_data, mesh=mesh, seed=seed, **options)
   seconds["prune"] = time.perf_counter() - t0
   history["prune"] = r.history
   return SplitResult(r.variables, r.widths, _evaluate(r.module, r.variables, eval_data, mesh), seconds, history)
+
+
+def prune_one(model: finetune.Model, variables: Mapping[str, Any], ratio, train_data, *, steps: int,
+              prune_epochs: int, after_prune_epochs: int = 0, method: str = "if", mesh=None, seed: int = 0,
+              **options) -> finetune.PruneResult:
+  """PaF's per-model step: ``variables`` pruned in ``steps`` x ``prune_epochs`` epochs on the whole data, then
+  fine-tuned ``after_prune_epochs`` more (a top-level function, so :func:`run_pinned` can run it per model)."""
+  return finetune.prune_and_finetune(model, variables, ratio, train_data, method=method, steps=steps,
+                                     epochs_per_step=prune_epochs, finetune_epochs=after_prune_epochs, mesh=mesh,
+                                     seed=seed, **options)
 
 
 def whole_data(model: finetune.Model, variables: Mapping[str, Any], ratio, train_data, *, prune_epochs: int,
