@@ -32,6 +32,14 @@ _HOST_COST_ELEMENTS = 1 << 22
 _TILE, _STEP_FEATURES, _BLOCK_STEPS, _CHUNK_BLOCKS = 256, 16, 16, 4
 # m * m * d from which the host cost computes the kept block with pdist (below, pdist's overhead is larger).
 _HOST_SYMMETRIC_MIN_ELEMENTS = 1 << 19
+# Above _HOST_COST_ELEMENTS, few neurons against few (an attention head group: 12 x 6 neurons of ~200k numbers)
+# fill a small corner of the 256 x 256 tiles, which cost the whole tile: such costs go to SciPy's cdist directly
+# (by rows, float64 copies of at most _DIRECT_CHUNK_BYTES at a time) when the tiles would do more than
+# _DIRECT_SPEED[p] times its n * m * d work (cdist is ~4x slower per entry than the tiles for p = 1 and inf, and
+# ~100x for other p, which take a power per entry).
+_DIRECT_CHUNK_BYTES = 1 << 26
+_DIRECT_SPEED = {1.0: 4, math.inf: 4}
+_DIRECT_SPEED_POWER = 128
 # p = 2 above _HOST_COST_ELEMENTS: the matmul form, with the pairs whose squared distance it puts below this
 # fraction of ||x||^2 + ||y||^2 (where its rounding error is not small against the distance) recomputed from
 # differences; pairs recomputed at a time.
@@ -94,7 +102,8 @@ def pairwise_distance(x: AnyArray, y: AnyArray, p: float = 1.0) -> AnyArray:
   """(n, d), (m, d) -> (n, m) p-norm distances ``||x_i - y_j||_p`` (``torch.cdist``), float32.
 
   Identical rows are exactly 0 apart for every p, and no (n, m, d) array is formed. Small NumPy inputs
-  (n * m * d <= 2^22): SciPy's ``cdist`` on the host, no compilation. Larger: compiled (256 x 256) tiles of
+  (n * m * d <= 2^22), and larger ones with few rows (few neurons, long vectors: :func:`direct_pairs`): SciPy's
+  ``cdist`` on the host, no compilation. Larger: compiled (256 x 256) tiles of
   differences, vectorised along the columns, 16 features per step; for NumPy inputs one program for every
   shape, called per tile and chunk of up to 1024 features, for jax arrays one program per shape (jit-able).
   Except p = 2 with large NumPy inputs: the matmul form, its near pairs recomputed from differences
@@ -114,6 +123,8 @@ def host_distance(x: npt.ArrayLike, y: npt.ArrayLike, p: float) -> np.ndarray | 
   x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
   if x.shape[0] * y.shape[0] * x.shape[1] <= _HOST_COST_ELEMENTS:
     return _pairwise_host(x, y, float(p))
+  if direct_pairs(x.shape[0], y.shape[0], float(p)):
+    return _pairwise_direct(x, y, float(p))
   if p == 2:
     return _euclidean_matmul(x, y)
   rows, cols = _host_tiles(x, False), _host_tiles(y, True)
@@ -140,6 +151,8 @@ def kept_distance(x: npt.ArrayLike, keep: np.ndarray, p: float) -> np.ndarray | 
     block = out[keep]
     out[keep] = np.triu(block) + np.triu(block, 1).T
     return out
+  if large and direct_pairs(n, m, p):
+    return _pairwise_direct(x, y, p)  # cdist is symmetric: |a - b| = |b - a|, summed in one order
   if (large and m <= _TILE) or (not large and m * m * d < _HOST_SYMMETRIC_MIN_ELEMENTS):
     return host_distance(x, y, p)  # one column tile or a small block: nothing worth sharing
   mask = np.ones(n, bool)
@@ -213,6 +226,26 @@ def _euclidean_matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     i, j = rows[k:k + _NEAR_CHUNK], cols[k:k + _NEAR_CHUNK]
     diff = x[i].astype(np.float64) - y[j]
     out[i, j] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+  return out
+
+
+def direct_pairs(n: int, m: int, p: float) -> bool:
+  """Whether a large (n, m) cost of NumPy rows goes to SciPy's ``cdist`` rather than the compiled tiles: when the
+  (256 x 256) tiles covering it would do more than ``_DIRECT_SPEED[p]`` times its n * m entries' work (p = 2
+  only when the matmul form would not be faster either: never, as the matmul is the fastest path there)."""
+  if p == 2:
+    return False
+  tiles = -(-n // _TILE) * _TILE * (-(-m // _TILE) * _TILE)
+  return _DIRECT_SPEED.get(p, _DIRECT_SPEED_POWER) * n * m <= tiles
+
+
+def _pairwise_direct(x: np.ndarray, y: np.ndarray, p: float) -> np.ndarray:
+  """:func:`_pairwise_host` by chunks of rows of x (float64 copies of at most ``_DIRECT_CHUNK_BYTES``)."""
+  y64 = y.astype(np.float64)
+  rows = max(1, _DIRECT_CHUNK_BYTES // (8 * max(1, x.shape[1])))
+  out = np.empty((x.shape[0], y.shape[0]), np.float32)
+  for i in range(0, x.shape[0], rows):
+    out[i:i + rows] = _pairwise_host(x[i:i + rows].astype(np.float64), y64, p)
   return out
 
 

@@ -155,6 +155,8 @@ def test_solving_queued_groups_early_changes_nothing(monkeypatch):
   v = module.init(jax.random.key(0), np.ones((1, 32, 32, 3), np.float32))
   groups = ["layer1_0/conv1", "layer2_0/conv1", "layer3_0/conv1"]
   monkeypatch.setattr(_transport, "_HOST_COST_ELEMENTS", 0)
+  monkeypatch.setattr(_transport, "_DIRECT_SPEED_POWER", np.inf)  # 16-64 neurons: not the direct path either
+  monkeypatch.setattr(_transport, "_DIRECT_SPEED", {})
   calls = []
   cost, solve = _transport.kept_distance, _transport.solve_exact
   monkeypatch.setattr(_transport, "kept_distance", lambda *a: calls.append("cost") or cost(*a))
