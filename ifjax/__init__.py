@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the names below are, for type checkers and IDEs; at run time they load lazily
-  from ifjax import analysis, finetune, importance, models, split_data, train
+  from ifjax import analysis, calibration, finetune, importance, models, split_data, train
   from ifjax._batchnorm import fold_batchnorm
   from ifjax._budget import Allocation, allocate, bn_sensitivity, flops, param_count
   from ifjax._cache import enable_compilation_cache
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and IDEs; at ru
 
 # name -> the module that defines it: imported on first use, so ``import ifjax`` (and ``ifjax --help``) does
 # not load jax, flax or optax until something needs them
-_SUBMODULES = frozenset({"analysis", "finetune", "importance", "models", "split_data", "train", "data"})
+_SUBMODULES = frozenset({"analysis", "calibration", "finetune", "importance", "models", "split_data", "train", "data"})
 _EXPORTS = {
     "fold_batchnorm": "ifjax._batchnorm",
     "Allocation": "ifjax._budget",
@@ -155,6 +155,7 @@ __all__ = [
     "apply_plan",
     "bn_sensitivity",
     "bn_statistics_gap",
+    "calibration",
     "check_spec",
     "compress",
     "enable_compilation_cache",

@@ -198,7 +198,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
          p: float = 1.0, include_bias: bool = False,
          epsilon: float = 1e-3, threshold: float = 1e-3, max_iterations: int = 10000,
          fallback: Literal["exact", "warn", "raise"] = "exact",
-         seed: int = 0) -> Plan:
+         seed: int = 0, features: Mapping[str, Any] | None = None) -> Plan:
   """Computes, per selected group, the keep set, importance and the maps of ``method``.
 
   Args:
@@ -245,6 +245,9 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
       the exact solver and warns; "warn" keeps the unconverged plan and warns;
       "raise" raises :class:`ConvergenceError` (a ``RuntimeError``).
     seed: seed for the k-means of ``cluster_centroid``.
+    features: ``{group name: (n, d)}`` vectors that replace the weight vectors in the OT cost (and in
+      ``merge_threshold``'s cosines), e.g. each neuron's activations on calibration data
+      (``ifjax.calibration.consumer_statistics(...).features(variables)``). Groups it lacks use weights.
 
   Returns:
     ``{group name: GroupPlan}`` in network order.
@@ -275,7 +278,7 @@ def plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelecti
                merge_threshold=merge_threshold, repair=repair, fuse=fuse, solver=solver, target=target,
                source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p,
                include_bias=include_bias, epsilon=epsilon, threshold=threshold, max_iterations=max_iterations,
-               fallback=fallback, seed=seed)[0]
+               fallback=fallback, seed=seed, features=features)[0]
 
 
 def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,
@@ -283,7 +286,8 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
           repair: str | None = None, fuse: bool | None = None, solver: str = "exact", target: str = "most_important",
           source_mass: str = "uniform", target_mass: str = "uniform", normalization: str = "paper",
           p: float = 1.0, include_bias: bool = False, epsilon: float = 1e-3, threshold: float = 1e-3,
-          max_iterations: int = 10000, fallback: str = "exact", seed: int = 0) -> tuple[Plan, dict]:
+          max_iterations: int = 10000, fallback: str = "exact", seed: int = 0,
+          features: Mapping[str, Any] | None = None) -> tuple[Plan, dict]:
   """:func:`plan`, and the BN-folded flat variables it planned on (for :func:`intra_fuse` / :func:`prune`,
   which apply the plan to them without folding and validating a second time)."""
   ratio = _scalar_ratios(ratio)  # jnp.float32(0.5) is the ratio 0.5
@@ -357,7 +361,8 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
   early, pending = {}, []  # exact: groups solved inside the loop; (name, bytes) of costs still being computed
   for name in fused:
     g, n, m, scores, keep = prepared[name]
-    x = _transport.normalize_rows(neuron_vectors(flat, spec, g, n, include_bias), in_place=not traced)  # a new array
+    x = _transport.normalize_rows(_cost_vectors(flat, spec, g, n, include_bias, features, xp),
+                                  in_place=not traced)  # a new array
     uses_scores = source_mass == "importance" or target_mass == "importance"
     if uses_scores and not traced and np.any(scores < 0):
       raise ValueError(f"group {name!r}: importance masses need non-negative scores")
@@ -416,7 +421,7 @@ def _plan(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelect
     g, n, m, scores, keep = prepared[name]
     matrix = t.matrix
     if merge_threshold is not None:
-      unit = _merging.unit_rows(neuron_vectors(flat, spec, g, n, include_bias))
+      unit = _merging.unit_rows(_cost_vectors(flat, spec, g, n, include_bias, features, np))
       matrix = _merging.thresholded_transport(np.asarray(matrix), unit, np.asarray(keep), merge_threshold)
     out[name] = GroupPlan(keep, scores, matrix, *transport_maps(matrix, normalization), t.converged,
                           t.marginal_error, t.iterations)
@@ -540,6 +545,16 @@ def neuron_vectors(flat: Mapping[str, Any], spec: Spec, group: Group, n: int, in
   if include_bias:
     rows += [member_rows(flat, m, n) for m in _bias_members(flat, spec, group)]
   return array_module(*rows).concatenate(rows, axis=1)
+
+
+def _cost_vectors(flat, spec: Spec, group: Group, n: int, include_bias: bool, features, xp) -> AnyArray:
+  """The OT feature vectors of a group: ``features[name]`` (a new float32 array) where given, else weights."""
+  if features is None or group.name not in features:
+    return neuron_vectors(flat, spec, group, n, include_bias)
+  x = xp.array(features[group.name], dtype=xp.float32)
+  if x.ndim != 2 or x.shape[0] != n:
+    raise ValueError(f"features[{group.name!r}] has shape {tuple(x.shape)}; expected (n, d) with n = {n}")
+  return x
 
 
 def _bias_members(flat, spec: Spec, group: Group) -> list[Member | FlatMember]:

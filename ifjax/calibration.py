@@ -1,0 +1,247 @@
+"""Activation-aware pruning from calibration data: what each group's consumers read, and what to do with it.
+
+A group's neurons are read by its consumer layers (a Dense's input features, a conv's input channels). On a few
+calibration batches :func:`consumer_statistics` records, per consumer, the mean and the mean square of every
+input feature and a sample of the inputs. From them:
+
+- :func:`wanda`: Wanda-sp importance (the structured Wanda of An et al., AAAI 2024): ``sum |W| * sqrt(E[x^2])``
+  over a neuron's consumer weights;
+- :func:`flap`: FLAP's fluctuation importance (An et al., AAAI 2024): ``sum Var[x] * W^2``;
+- :func:`compensate_bias`: FLAP's bias compensation. Each consumer's bias takes the expected contribution of
+  what the plan removed, ``b += E[x] . W (dense) - E[x]_kept . W (small)``, so that the consumer's mean output
+  is kept. Exact in expectation for plain pruning; for a fused plan the kept neurons' dense means stand in for
+  the fused neurons' means (an approximation);
+- :meth:`Statistics.features`: per neuron, its sampled consumer inputs, (n, d): an activation-space OT cost for
+  Intra-Fusion (``ifjax.plan(..., features=stats.features(variables))``).
+
+All of these need data; the weight-magnitude importances and ``paper`` / ``barycentric`` fusion do not.
+Consumers must be ``flax.linen`` ``Dense``, ``DenseGeneral`` or ``Conv`` layers: their inputs are read with
+``flax.linen.intercept_methods``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ifjax._errors import IfjaxError
+from ifjax._fuse import Plan, apply_plan
+from ifjax._importance import group_size
+from ifjax._spec import AnyArray, FlatMember, Group, Member, Spec, Variables, flatten, member_rows, unflatten
+
+
+class CalibrationError(IfjaxError, ValueError):
+  """Calibration data or a consumer layer that activation-aware pruning cannot use."""
+
+
+class ConsumerStatistics(NamedTuple):
+  """What one consumer layer read on the calibration data.
+
+  Attributes:
+    axes: the kernel axes the layer contracts with its input (a Dense: (0,); a conv: (ndim - 2,)).
+    mean: the contracted shape (``kernel.shape[axes]``): E[x] per input feature, over every batch, token and
+      pixel.
+    square: same shape: E[x^2].
+    samples: (*mean.shape, s): the input at ``s`` sampled positions.
+    count: how many positions the means are over.
+  """
+
+  axes: tuple[int, ...]
+  mean: np.ndarray
+  square: np.ndarray
+  samples: np.ndarray
+  count: int
+
+  def laid_out(self, values: np.ndarray, kernel_ndim: int) -> np.ndarray:
+    """``values`` (contracted shape, *extra) with size-1 axes where the kernel has axes it does not contract,
+    so that it broadcasts against the kernel (and ``member_rows`` reads a member's neurons from it)."""
+    shape = [1] * kernel_ndim
+    for a, size in zip(self.axes, values.shape):
+      shape[a] = size
+    return values.reshape(*shape, *values.shape[len(self.axes):])
+
+
+class Statistics(dict):
+  """``{consumer kernel path: ConsumerStatistics}`` for the groups of :attr:`spec` (:func:`consumer_statistics`)."""
+
+  def __init__(self, entries: Mapping[str, ConsumerStatistics], spec: Spec):
+    """``entries`` by kernel path; ``spec``: the spec whose consumers they are."""
+    super().__init__(entries)
+    self.spec = spec
+
+  def features(self, variables: Variables) -> dict[str, np.ndarray]:
+    """``{group: (n, d)}``: per neuron, its consumers' sampled inputs, concatenated (``plan(features=)``)."""
+    flat = flatten(variables)
+    out = {}
+    for g in self.spec.groups:
+      n = group_size(flat, g)
+      rows = [member_rows({m.path: self[m.path].laid_out(self[m.path].samples, np.ndim(flat[m.path]))}, m, n)
+              for m in _read_members(flat, g, self)]
+      if rows:
+        out[g.name] = np.concatenate(rows, axis=1)
+    return out
+
+
+def _read_members(flat, g: Group, stats: Mapping[str, Any]) -> list[Member | FlatMember]:
+  """The group's consumer kernel members whose layer's input was recorded."""
+  return [m for m in g.consumers if m.path in stats and np.ndim(flat[m.path]) >= 2]
+
+
+def _contracted(module: nn.Module, kernel_ndim: int) -> tuple[int, ...]:
+  """The kernel axes a layer contracts with its input's last axes."""
+  if isinstance(module, nn.Dense):
+    return (0,)
+  if isinstance(module, nn.DenseGeneral):
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    return tuple(range(len(axis)))
+  if isinstance(module, nn.Conv):
+    return (kernel_ndim - 2,)
+  raise CalibrationError(f"consumer {'/'.join(module.path)!r} is a {type(module).__name__}; activation-aware "
+                         "pruning reads the inputs of nn.Dense, nn.DenseGeneral and nn.Conv consumers")
+
+
+def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec: Spec, batches: Iterable[Any], *,
+                        samples: int = 256, seed: int = 0, **apply_kwargs) -> Statistics:
+  """Records what every consumer layer of ``spec``'s groups reads on ``batches``.
+
+  Args:
+    apply_fn: a ``flax.linen`` module's ``apply`` (its consumers are Dense, DenseGeneral or Conv layers).
+    variables: the dense model's variables.
+    spec: the group spec; consumer members ``params/<layer path>/kernel`` name the layers to read.
+    batches: the calibration inputs: each item is the positional argument of ``apply_fn`` after the variables,
+      or a tuple of them (e.g. ``(token_ids, attention_mask)``).
+    samples: positions sampled per consumer for :meth:`Statistics.features` (uniformly, without replacement,
+      from the first batch's positions).
+    seed: the sampling seed.
+    **apply_kwargs: passed to ``apply_fn``.
+
+  Returns:
+    :class:`Statistics` by consumer kernel path.
+  """
+  flat = flatten(variables)
+  wanted = {}
+  for g in spec.groups:
+    for m in g.consumers:
+      if m.path.startswith("params/") and m.path.endswith("/kernel") and m.path in flat \
+         and np.ndim(flat[m.path]) >= 2:
+        wanted[tuple(m.path[len("params/"):-len("/kernel")].split("/"))] = m.path
+  if not wanted:
+    raise CalibrationError("the spec has no consumer kernels 'params/<layer>/kernel' whose inputs could be read")
+  sums: dict[str, list[Any]] = {}
+  rng = np.random.default_rng(seed)
+  batches = list(batches)
+  if not batches:
+    raise CalibrationError("batches is empty: activation-aware pruning needs at least one calibration batch")
+
+  for batch in batches:
+    args = batch if isinstance(batch, tuple) else (batch,)
+    seen: dict[str, tuple[tuple[int, ...], jax.Array]] = {}
+
+    def record(next_fun, call_args, call_kwargs, context, seen=seen):
+      module = context.module
+      if context.method_name == "__call__" and tuple(module.path) in wanted:
+        path = wanted[tuple(module.path)]
+        axes = _contracted(module, np.ndim(flat[path]))
+        seen[path] = (axes, call_args[0])
+      return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+      apply_fn(variables, *args, **apply_kwargs)
+    missing = sorted(p for p in wanted.values() if p not in seen)
+    if missing:
+      raise CalibrationError(f"no call of the consumer layers {missing} was seen: is apply_fn a flax.linen "
+                             "module's apply, and are these layers called on this input?")
+    for path, (axes, x) in seen.items():
+      k = len(axes)
+      x = np.asarray(x, np.float32)
+      x = x.reshape(-1, *x.shape[x.ndim - k:])  # (positions, contracted shape)
+      if path not in sums:
+        take = rng.choice(x.shape[0], size=min(samples, x.shape[0]), replace=False)
+        sums[path] = [axes, np.zeros(x.shape[1:], np.float64), np.zeros(x.shape[1:], np.float64),
+                      np.moveaxis(x[np.sort(take)], 0, -1), 0]
+      entry = sums[path]
+      entry[1] += x.sum(0, dtype=np.float64)
+      entry[2] += np.square(x, dtype=np.float64).sum(0)
+      entry[4] += x.shape[0]
+  return Statistics({p: ConsumerStatistics(a, (s1 / c).astype(np.float32), (s2 / c).astype(np.float32), smp, c)
+                     for p, (a, s1, s2, smp, c) in sums.items()}, spec)
+
+
+def _score(stats: Statistics, per_entry: Callable[[AnyArray, ConsumerStatistics, int], AnyArray]):
+  """An importance: per consumer, ``per_entry(kernel, stats, ndim)`` laid out like the kernel, summed over each
+  neuron's entries; averaged over the consumers and divided by the mean (as the built-in importances)."""
+
+  def fn(variables: Variables, group: Group) -> AnyArray:
+    flat = flatten(variables)
+    members = _read_members(flat, group, stats)
+    if not members:
+      raise CalibrationError(f"group {group.name!r}: none of its consumers was recorded by consumer_statistics")
+    n = group_size(flat, group)
+    scores = []
+    for m in members:
+      kernel = np.asarray(flat[m.path], np.float32)
+      values = per_entry(kernel, stats[m.path], kernel.ndim)
+      scores.append(member_rows({m.path: np.broadcast_to(values, kernel.shape)}, m, n).sum(axis=1))
+    s = np.mean(scores, axis=0)
+    mean = s.mean()
+    return (s / mean if mean > 0 else s).astype(np.float32)
+
+  return fn
+
+
+def wanda(stats: Statistics):
+  """Wanda-sp importance: per neuron, ``sum |W| * sqrt(E[x^2])`` over its consumers' weights (needs data)."""
+  return _score(stats, lambda w, st, nd: np.abs(w) * st.laid_out(np.sqrt(st.square), nd))
+
+
+def flap(stats: Statistics):
+  """FLAP's fluctuation importance: per neuron, ``sum Var[x] * W^2`` over its consumers' weights (needs data)."""
+  return _score(stats, lambda w, st, nd: np.square(w) * st.laid_out(np.maximum(st.square - st.mean ** 2, 0), nd))
+
+
+def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Plan, stats: Statistics,
+                    small_stats: Statistics | None = None) -> dict:
+  """``small`` with every recorded consumer's bias corrected by what the plan removed (FLAP's compensation).
+
+  For a consumer kernel ``W`` (dense) / ``W'`` (after the plan) with contracted input means ``E[x]`` (dense) and
+  ``E[x']`` (small): ``b' = b + sum(E[x] * W) - sum(E[x'] * W')``, summed over the contracted axes, so the
+  consumer's mean output on the calibration data is the dense one's. ``E[x']`` is read from ``small_stats``
+  (:func:`consumer_statistics` of the small model, with ``plan.spec()``) where given: exact for any method.
+  Without it, ``E[x']`` is the dense ``E[x]`` cut by the plan's keep sets: exact for plain pruning (the kept
+  neurons are unchanged), an approximation for fused ones (refused for the ``cluster_centroid`` target, which
+  keeps no neuron). A consumer without a bias raises :class:`CalibrationError` naming it.
+  """
+  flat, small_flat = flatten(variables), dict(flatten(small))
+  paths = sorted({m.path for name in plan for m in _read_members(flat, spec[name], stats)})
+  means = {p: np.broadcast_to(stats[p].laid_out(stats[p].mean, np.ndim(flat[p])), np.shape(flat[p])) for p in paths}
+  if small_stats is not None:
+    missing = [p for p in paths if p not in small_stats]
+    if missing:
+      raise CalibrationError(f"small_stats has no statistics for the consumers {missing}")
+    cut = {p: small_stats[p].laid_out(small_stats[p].mean, np.ndim(small_flat[p])) for p in paths}
+  else:
+    for name, gp in plan.items():
+      if gp.keep is None:
+        raise CalibrationError(f"group {name!r}: without small_stats, compensate_bias needs the plan's kept "
+                               "neurons; the cluster_centroid target has none")
+    # the means cut like the kernels: kernel-shaped mean arrays, pruned (not fused) by the plan's keep sets
+    selection = Plan({name: gp._replace(transport=None, producer_map=None, consumer_map=None, producer_shift=None)
+                      for name, gp in plan.items()}, plan.source_spec, None)
+    cut = flatten(apply_plan(unflatten({**flat, **means}), spec, selection))
+  for p in paths:
+    bias = p[:-len("kernel")] + "bias"
+    if bias not in small_flat:
+      layer = p[len("params/"):-len("/kernel")]
+      raise CalibrationError(f"consumer {layer!r} has no bias to compensate into (build the layer with "
+                             "use_bias=True, a zero bias, to use compensate_bias)")
+    axes = stats[p].axes
+    dense = np.sum(means[p] * np.asarray(flat[p], np.float32), axis=axes)
+    kept = np.sum(np.asarray(cut[p]) * np.asarray(small_flat[p], np.float32), axis=axes)
+    small_flat[bias] = jnp.asarray(np.asarray(small_flat[bias], np.float32) + dense - kept,
+                                   jnp.asarray(small_flat[bias]).dtype)
+  return unflatten(small_flat)

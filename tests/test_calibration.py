@@ -1,0 +1,114 @@
+"""Activation-aware importance (Wanda-sp, FLAP), FLAP's bias compensation and activation-space fusion costs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ifjax
+from ifjax.calibration import CalibrationError, compensate_bias, consumer_statistics, flap, wanda
+
+
+class Net(nn.Module):
+  """x (batch, tokens, 4) -> Dense 6 -> gelu -> Dense 3: the hidden group's consumer is ``out``."""
+
+  bias: bool = True
+  width: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(self.width, name="hidden")(x))
+    return nn.Dense(3, use_bias=self.bias, name="out")(h)
+
+
+SPEC = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1), ("params/hidden/bias", 0)],
+                               [("params/out/kernel", 0)])])
+
+
+def _setup(bias=True):
+  x = jax.random.normal(jax.random.key(1), (8, 5, 4)) + 0.5
+  variables = Net(bias).init(jax.random.key(0), x)
+  return Net(bias), variables, x
+
+
+def _hidden(variables, x):
+  p = variables["params"]["hidden"]
+  return np.asarray(nn.gelu(x @ p["kernel"] + p["bias"])).reshape(-1, 6)
+
+
+def test_statistics_are_the_consumer_inputs_moments():
+  module, variables, x = _setup()
+  stats = consumer_statistics(module.apply, variables, SPEC, [x[:4], x[4:]], samples=7)
+  h = _hidden(variables, x)
+  st = stats["params/out/kernel"]
+  np.testing.assert_allclose(st.mean, h.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(st.square, (h ** 2).mean(0), rtol=1e-5, atol=1e-6)
+  assert st.count == 40 and st.samples.shape == (6, 7) and st.axes == (0,)
+  assert stats.features(variables)["hidden"].shape == (6, 7)
+
+
+def test_wanda_and_flap_are_their_formulas():
+  module, variables, x = _setup()
+  stats = consumer_statistics(module.apply, variables, SPEC, [x])
+  h, w = _hidden(variables, x), np.asarray(variables["params"]["out"]["kernel"])
+  expect_wanda = np.abs(w).sum(1) * np.sqrt((h ** 2).mean(0))
+  expect_flap = (w ** 2).sum(1) * h.var(0)
+  np.testing.assert_allclose(wanda(stats)(variables, SPEC[0]), expect_wanda / expect_wanda.mean(), rtol=1e-4)
+  np.testing.assert_allclose(flap(stats)(variables, SPEC[0]), expect_flap / expect_flap.mean(), rtol=1e-3)
+  keep = ifjax.plan(variables, SPEC, 0.5, importance=wanda(stats), method="default")["hidden"].keep
+  np.testing.assert_array_equal(keep, np.sort(np.argsort(-expect_wanda, kind="stable")[:3]))
+
+
+@pytest.mark.parametrize("method", ["default", "if"])
+def test_bias_compensation_keeps_the_mean_output(method):
+  module, variables, x = _setup()
+  stats = consumer_statistics(module.apply, variables, SPEC, [x])
+  pl = ifjax.plan(variables, SPEC, 0.5, importance=wanda(stats), method=method)
+  small = ifjax.apply_plan(variables, SPEC, pl)
+  small_stats = consumer_statistics(Net(width=3).apply, small, pl.spec(), [x]) if method == "if" else None
+  fixed = compensate_bias(small, variables, SPEC, pl, stats, small_stats)
+  dense_mean = np.asarray(module.apply(variables, x)).reshape(-1, 3).mean(0)
+  before = np.asarray(Net(width=3).apply(small, x)).reshape(-1, 3).mean(0)
+  after = np.asarray(Net(width=3).apply(fixed, x)).reshape(-1, 3).mean(0)
+  assert np.abs(after - dense_mean).max() < np.abs(before - dense_mean).max()
+  # default: the kept inputs are the dense ones; fusion: the small model's own input means: both exact
+  np.testing.assert_allclose(after, dense_mean, rtol=1e-5, atol=1e-5)
+  assert variables["params"]["out"]["bias"].shape == fixed["params"]["out"]["bias"].shape  # inputs untouched
+
+
+def test_activation_features_fuse_planted_duplicates_exactly():
+  module, variables, x = _setup()
+  p = jax.tree_util.tree_map(np.array, variables)["params"]
+  p["hidden"]["kernel"][:, 3:] = p["hidden"]["kernel"][:, :3]  # neurons 3..5 duplicate 0..2
+  p["hidden"]["bias"][3:] = p["hidden"]["bias"][:3]
+  variables = {"params": p}
+  stats = consumer_statistics(module.apply, variables, SPEC, [x], samples=40)
+  features = stats.features(variables)
+  pl = ifjax.plan(variables, SPEC, 0.5, normalization="barycentric", features=features)
+  assert sorted(np.asarray(pl["hidden"].transport).argmax(1) % 3) == [0, 0, 1, 1, 2, 2]
+  small = ifjax.apply_plan(variables, SPEC, pl)
+  np.testing.assert_allclose(Net(width=3).apply(small, x), module.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_problem():
+  module, variables, x = _setup()
+  with pytest.raises(CalibrationError, match="empty"):
+    consumer_statistics(module.apply, variables, SPEC, [])
+  stats = consumer_statistics(module.apply, variables, SPEC, [x])
+  pl = ifjax.plan(variables, SPEC, 0.5, method="default")
+  module_nb, variables_nb, _ = _setup(bias=False)
+  stats_nb = consumer_statistics(module_nb.apply, variables_nb, SPEC, [x])
+  small_nb = ifjax.apply_plan(variables_nb, SPEC, pl)
+  with pytest.raises(CalibrationError, match="'out' has no bias"):
+    compensate_bias(small_nb, variables_nb, SPEC, pl, stats_nb)
+  with pytest.raises(ValueError, match=r"features\['hidden'\] has shape \(2, 3\)"):
+    ifjax.plan(variables, SPEC, 0.5, features={"hidden": np.zeros((2, 3))})
+  conv_spec = ifjax.Spec([ifjax.Group("hidden", [("params/hidden/kernel", 1)], [("params/out/kernel", 0)])])
+
+  def apply_custom(v, x):  # not a linen Dense consumer: nothing is intercepted
+    return jnp.tanh(x @ v["params"]["hidden"]["kernel"]) @ v["params"]["out"]["kernel"]
+
+  with pytest.raises(CalibrationError, match="no call of the consumer layers"):
+    consumer_statistics(apply_custom, variables, conv_spec, [x])
+  assert stats  # the working statistics were built
