@@ -45,6 +45,8 @@ __all__ = [
     "imagenet_sample",
     "mnist_test",
     "preprocess",
+    "python_docs",
+    "python_docs_sentences",
     "tfds_batches",
     "tfds_dataset",
 ]
@@ -410,6 +412,52 @@ def _config(model: str) -> dict:
   if key not in PREPROCESS:
     raise ValueError(f"unknown model {model!r}; known: {sorted(set(MODEL_PREPROCESS) | set(PREPROCESS))}")
   return PREPROCESS[key]
+
+
+def python_docs(split: str = "evaluation") -> list[str]:
+  """English text that every CPython carries: the help topics of the Python documentation
+  (``pydoc_data.topics``, about 465,000 characters in 79 topics), one string per topic.
+
+  ``split``: ``"calibration"`` (every fourth topic in sorted order: 20 topics) or ``"evaluation"`` (the other
+  59). Topics repeat paragraphs of each other; a paragraph is kept only in the first topic that has it, so
+  the two splits never share a paragraph. Nothing is read beyond the standard library.
+  """
+  if split not in ("calibration", "evaluation"):
+    raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+  import re
+  from pydoc_data.topics import topics
+  seen: set[str] = set()
+  out = []
+  for i, name in enumerate(sorted(topics)):
+    kept = []
+    for para in re.split(r"\n\s*\n", topics[name]):
+      key = " ".join(para.split())
+      if key and key not in seen:
+        seen.add(key)
+        kept.append(para)
+    if (i % 4 == 0) == (split == "calibration") and kept:
+      out.append("\n\n".join(kept))
+  return out
+
+
+def python_docs_sentences(split: str = "evaluation", min_chars: int = 40, max_chars: int = 300) -> list[str]:
+  """Prose sentences of :func:`python_docs` (``split`` as there): paragraphs split after a period, kept where a
+  sentence has ``min_chars``..``max_chars`` characters, starts with a capital letter, ends with a period and is
+  mostly letters (code and tables are left out). In document order; a sentence appears once, and only in the
+  split whose text has it first."""
+  import re
+  out, seen = [], set()
+  for which in ("calibration", "evaluation"):
+    for doc in python_docs(which):
+      for para in re.split(r"\n\s*\n", doc):
+        for sent in re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(para.split())):
+          letters = sum(c.isalpha() or c == " " for c in sent)
+          if (min_chars <= len(sent) <= max_chars and sent[0].isupper() and sent.endswith(".")
+              and letters >= 0.9 * len(sent) and sent not in seen):
+            seen.add(sent)
+            if which == split:
+              out.append(sent)
+  return out
 
 
 def batches(images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -279,3 +279,16 @@ def test_tfds_errors_and_no_download(tmp_path):
     with pytest.raises(data.DataMissingError, match=f"'{name}' is not prepared in {tmp_path}.*download=True"):
       data.tfds_dataset(name, "test", data_dir=tmp_path)
   assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing was downloaded or written
+
+
+def test_python_docs_splits_share_no_paragraph_or_sentence():
+  import re
+  paragraphs = {s: {" ".join(p.split()) for d in data.python_docs(s) for p in re.split(r"\n\s*\n", d)}
+                for s in ("calibration", "evaluation")}
+  assert len(paragraphs["calibration"]) > 100 and len(paragraphs["evaluation"]) > 300
+  assert not paragraphs["calibration"] & paragraphs["evaluation"]
+  cal, ev = data.python_docs_sentences("calibration"), data.python_docs_sentences("evaluation")
+  assert len(cal) >= 256 and len(ev) >= 256 and not set(cal) & set(ev)
+  assert all(s[0].isupper() and s.endswith(".") for s in ev)
+  with pytest.raises(ValueError, match="split must be"):
+    data.python_docs("train")
