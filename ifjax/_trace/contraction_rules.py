@@ -110,8 +110,10 @@ class _ContractionRules:
     for i in p_free:  # several output axes (DenseGeneral to (heads, head dim)): a group per axis
       if pshape[i] > 1 or len(p_free) == 1:
         cls = self.new_class(pshape[i])
-        if len(several) > 1:
-          self.classes[cls].kind = "head_dim" if i == several[-1] else "heads"
+        if len(several) > 1:  # (heads, [subheads (GQA: queries per KV head), ...] head dim)
+          k = several.index(i) if i in several else 0
+          self.classes[cls].kind = ("head_dim" if i == several[-1] else "heads" if k == 0
+                                    else "subheads" + (str(k) if k > 1 else ""))
         self.classes[cls].producers.append((self.eqn_counter, Member(path, axes[i], 0)))
         out.labels[pos[(pside, i)]] = ((0, pshape[i], cls, 0),)
     return [out]

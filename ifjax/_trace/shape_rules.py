@@ -73,7 +73,9 @@ class _ShapeRules:
         raise UnsupportedPrimitiveError(f"{what}: heads of {b} channels cut through a channel group at [{s}, {s + l})")
       if cls.blocks is None:
         h, dc = self.new_class(l // b), self.new_class(b)
-        self.classes[h].kind, self.classes[dc].kind = "heads", "head_dim"
+        # a head dim split into blocks (rotary pairs) stays the head-dim group, at block granularity
+        self.classes[h].kind = "head_dim" if cls.kind == "head_dim" else "heads"
+        self.classes[dc].kind = "head_dim_inner" if cls.kind == "head_dim" else "head_dim"
         cls.blocks = (h, b, dc)
       elif cls.blocks[1] != b:
         raise UnsupportedPrimitiveError(f"{what}: channels already split into heads of {cls.blocks[1]} are split "
