@@ -210,29 +210,42 @@ def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Pl
 
   For a consumer kernel ``W`` (dense) / ``W'`` (after the plan) with contracted input means ``E[x]`` (dense) and
   ``E[x']`` (small): ``b' = b + sum(E[x] * W) - sum(E[x'] * W')``, summed over the contracted axes, so the
-  consumer's mean output on the calibration data is the dense one's. ``E[x']`` is read from ``small_stats``
-  (:func:`consumer_statistics` of the small model, with ``plan.spec()``) where given: exact for any method.
+  consumer's mean output on the calibration data is the dense one's. ``E[x']`` comes from ``small_stats`` where
+  given (exact for any method): :func:`consumer_statistics` of the small model, or of the dense module run on
+  ``apply_plan(..., keep_shapes=True)`` variables (the m neurons in the first m slots; read back from there).
   Without it, ``E[x']`` is the dense ``E[x]`` cut by the plan's keep sets: exact for plain pruning (the kept
   neurons are unchanged), an approximation for fused ones (refused for the ``cluster_centroid`` target, which
   keeps no neuron). A consumer without a bias raises :class:`CalibrationError` naming it.
   """
   flat, small_flat = flatten(variables), dict(flatten(small))
   paths = sorted({m.path for name in plan for m in _read_members(flat, spec[name], stats)})
-  means = {p: np.broadcast_to(stats[p].laid_out(stats[p].mean, np.ndim(flat[p])), np.shape(flat[p])) for p in paths}
+
+  def laid_out(st: Statistics, at: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {p: np.broadcast_to(st[p].laid_out(st[p].mean, np.ndim(at[p])), np.shape(at[p])) for p in paths}
+
+  def cut(arrays: Mapping[str, np.ndarray], keep: Callable[[Any], Any]) -> dict[str, Any]:
+    """Kernel-shaped arrays at the dense shapes, cut (not fused) to the entries ``keep(group plan)`` names."""
+    selection = Plan({name: gp._replace(keep=keep(gp), transport=None, producer_map=None, consumer_map=None,
+                                        producer_shift=None) for name, gp in plan.items()}, plan.source_spec, None)
+    return flatten(apply_plan(unflatten({**flat, **arrays}), spec, selection))
+
+  means = laid_out(stats, flat)
   if small_stats is not None:
     missing = [p for p in paths if p not in small_stats]
     if missing:
       raise CalibrationError(f"small_stats has no statistics for the consumers {missing}")
-    cut = {p: small_stats[p].laid_out(small_stats[p].mean, np.ndim(small_flat[p])) for p in paths}
+    full = [p for p in paths if small_stats[p].mean.shape == stats[p].mean.shape != tuple(
+        np.shape(small_flat[p])[a] for a in stats[p].axes)]
+    small_means = {p: small_stats[p].laid_out(small_stats[p].mean, np.ndim(small_flat[p])) for p in paths}
+    if full:  # measured on keep_shapes variables: the m neurons sit in the first m slots
+      first = cut(laid_out(small_stats, flat), lambda gp: np.arange(gp.m, dtype=np.int32))
+      small_means.update({p: first[p] for p in full})
   else:
     for name, gp in plan.items():
       if gp.keep is None:
         raise CalibrationError(f"group {name!r}: without small_stats, compensate_bias needs the plan's kept "
                                "neurons; the cluster_centroid target has none")
-    # the means cut like the kernels: kernel-shaped mean arrays, pruned (not fused) by the plan's keep sets
-    selection = Plan({name: gp._replace(transport=None, producer_map=None, consumer_map=None, producer_shift=None)
-                      for name, gp in plan.items()}, plan.source_spec, None)
-    cut = flatten(apply_plan(unflatten({**flat, **means}), spec, selection))
+    small_means = cut(means, lambda gp: gp.keep)
   for p in paths:
     bias = p[:-len("kernel")] + "bias"
     if bias not in small_flat:
@@ -241,7 +254,10 @@ def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Pl
                              "use_bias=True, a zero bias, to use compensate_bias)")
     axes = stats[p].axes
     dense = np.sum(means[p] * np.asarray(flat[p], np.float32), axis=axes)
-    kept = np.sum(np.asarray(cut[p]) * np.asarray(small_flat[p], np.float32), axis=axes)
+    kept = np.sum(np.asarray(small_means[p]) * np.asarray(small_flat[p], np.float32), axis=axes)
+    if dense.shape != kept.shape:
+      raise CalibrationError(f"consumer {p!r}: the plan changes its output width ({dense.shape} -> {kept.shape}); "
+                             "compensate_bias corrects consumers whose outputs the plan leaves alone")
     small_flat[bias] = jnp.asarray(np.asarray(small_flat[bias], np.float32) + dense - kept,
                                    jnp.asarray(small_flat[bias]).dtype)
   return unflatten(small_flat)

@@ -60,13 +60,18 @@ def test_wanda_and_flap_are_their_formulas():
   np.testing.assert_array_equal(keep, np.sort(np.argsort(-expect_wanda, kind="stable")[:3]))
 
 
-@pytest.mark.parametrize("method", ["default", "if"])
-def test_bias_compensation_keeps_the_mean_output(method):
+@pytest.mark.parametrize("method,measured", [("default", None), ("if", "small"), ("if", "keep_shapes")])
+def test_bias_compensation_keeps_the_mean_output(method, measured):
   module, variables, x = _setup()
   stats = consumer_statistics(module.apply, variables, SPEC, [x])
   pl = ifjax.plan(variables, SPEC, 0.5, importance=wanda(stats), method=method)
   small = ifjax.apply_plan(variables, SPEC, pl)
-  small_stats = consumer_statistics(Net(width=3).apply, small, pl.spec(), [x]) if method == "if" else None
+  small_stats = None
+  if measured == "small":
+    small_stats = consumer_statistics(Net(width=3).apply, small, pl.spec(), [x])
+  elif measured == "keep_shapes":
+    small_stats = consumer_statistics(module.apply, ifjax.apply_plan(variables, SPEC, pl, keep_shapes=True), SPEC,
+                                      [x])
   fixed = compensate_bias(small, variables, SPEC, pl, stats, small_stats)
   dense_mean = np.asarray(module.apply(variables, x)).reshape(-1, 3).mean(0)
   before = np.asarray(Net(width=3).apply(small, x)).reshape(-1, 3).mean(0)
