@@ -11,6 +11,8 @@ input feature and a sample of the inputs. From them:
   what the plan removed, ``b += E[x] . W (dense) - E[x]_kept . W (small)``, so that the consumer's mean output
   is kept. Exact in expectation for plain pruning; for a fused plan the kept neurons' dense means stand in for
   the fused neurons' means (an approximation);
+- :func:`least_squares_merge`: each removed neuron's consumer weights go to the kept neurons by the least-squares
+  regression of its input on theirs (ThiNet / CP-style reconstruction, as a fusion map of its own);
 - :meth:`Statistics.features`: per neuron, its sampled consumer inputs, (n, d): an activation-space OT cost for
   Intra-Fusion (``ifjax.plan(..., features=stats.features(variables))``).
 
@@ -49,6 +51,7 @@ class ConsumerStatistics(NamedTuple):
     square: same shape: E[x^2].
     samples: (*mean.shape, s): the input at ``s`` sampled positions.
     count: how many positions the means are over.
+    gram: (F, F) E[x x^T] over the F = mean.size input features (flattened), or None (``gram=False``).
   """
 
   axes: tuple[int, ...]
@@ -56,6 +59,7 @@ class ConsumerStatistics(NamedTuple):
   square: np.ndarray
   samples: np.ndarray
   count: int
+  gram: np.ndarray | None = None
 
   def laid_out(self, values: np.ndarray, kernel_ndim: int) -> np.ndarray:
     """``values`` (contracted shape, *extra) with size-1 axes where the kernel has axes it does not contract,
@@ -106,7 +110,7 @@ def _contracted(module: nn.Module, kernel_ndim: int) -> tuple[int, ...]:
 
 
 def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec: Spec, batches: Iterable[Any], *,
-                        samples: int = 256, seed: int = 0, **apply_kwargs) -> Statistics:
+                        samples: int = 256, seed: int = 0, gram: bool = False, **apply_kwargs) -> Statistics:
   """Records what every consumer layer of ``spec``'s groups reads on ``batches``.
 
   Args:
@@ -118,6 +122,7 @@ def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec
     samples: positions sampled per consumer for :meth:`Statistics.features` (uniformly, without replacement,
       from the first batch's positions).
     seed: the sampling seed.
+    gram: also record each consumer's (F, F) second-moment matrix (for :func:`least_squares_merge`).
     **apply_kwargs: passed to ``apply_fn``.
 
   Returns:
@@ -162,14 +167,20 @@ def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec
       x = x.reshape(-1, *x.shape[x.ndim - k:])  # (positions, contracted shape)
       if path not in sums:
         take = rng.choice(x.shape[0], size=min(samples, x.shape[0]), replace=False)
+        features = int(np.prod(x.shape[1:]))
         sums[path] = [axes, np.zeros(x.shape[1:], np.float64), np.zeros(x.shape[1:], np.float64),
-                      np.moveaxis(x[np.sort(take)], 0, -1), 0]
+                      np.moveaxis(x[np.sort(take)], 0, -1), 0,
+                      np.zeros((features, features), np.float64) if gram else None]
       entry = sums[path]
       entry[1] += x.sum(0, dtype=np.float64)
       entry[2] += np.square(x, dtype=np.float64).sum(0)
       entry[4] += x.shape[0]
-  return Statistics({p: ConsumerStatistics(a, (s1 / c).astype(np.float32), (s2 / c).astype(np.float32), smp, c)
-                     for p, (a, s1, s2, smp, c) in sums.items()}, spec)
+      if gram:
+        flat_x = x.reshape(x.shape[0], -1)
+        entry[5] += (flat_x.T @ flat_x).astype(np.float64)
+  return Statistics({p: ConsumerStatistics(a, (s1 / c).astype(np.float32), (s2 / c).astype(np.float32), smp, c,
+                                           None if g is None else g / c)
+                     for p, (a, s1, s2, smp, c, g) in sums.items()}, spec)
 
 
 def _score(stats: Statistics, per_entry: Callable[[AnyArray, ConsumerStatistics, int], AnyArray]):
@@ -261,3 +272,49 @@ def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Pl
     small_flat[bias] = jnp.asarray(np.asarray(small_flat[bias], np.float32) + dense - kept,
                                    jnp.asarray(small_flat[bias]).dtype)
   return unflatten(small_flat)
+
+
+def least_squares_merge(plan: Plan, variables: Variables, spec: Spec, stats: Statistics, *, ridge: float = 1e-3,
+                        centered: bool | None = None) -> Plan:
+  """A plain-pruning ``plan`` whose consumers also take the removed neurons, by least squares on calibration data.
+
+  For a group read as single input features by one recorded consumer (an MLP's hidden neurons), removed
+  neuron j's input ``x_j`` is regressed on the kept neurons' inputs ``X_k``: ``x_j ~ X_k t_j``, with ridge
+  ``ridge * mean(diag)`` (and with an intercept when ``centered``: the covariance instead of the second moment).
+  The consumer map becomes ``T = [t_j]`` (kept columns the identity), so the consumer computes ``X_k T W``, the
+  best linear stand-in for ``X W`` on the calibration data; the producers are pruned as the plan says. With
+  ``centered``, follow it with :func:`compensate_bias` (no ``small_stats`` needed: the kept neurons are the
+  dense ones) for the intercept. Default ``centered``: True where the consumer has a bias.
+
+  Needs ``stats`` from :func:`consumer_statistics` with ``gram=True``. Groups the plan fuses
+  (``producer_map`` set), or whose consumer reads several features per neuron (attention heads), raise
+  :class:`CalibrationError`.
+  """
+  flat = flatten(variables)
+  out = {}
+  for name, gp in plan.items():
+    members = _read_members(flat, spec[name], stats)
+    if gp.producer_map is not None or gp.keep is None:
+      raise CalibrationError(f"group {name!r}: least_squares_merge takes a plain-pruning plan (method='default')")
+    if len(members) != 1 or members[0].inner != 1 or members[0].outer != 1 or len(stats[members[0].path].axes) != 1:
+      raise CalibrationError(f"group {name!r}: least_squares_merge needs one recorded consumer that reads each "
+                             "neuron as one input feature (an MLP's hidden layer)")
+    m = members[0]
+    st = stats[m.path]
+    if st.gram is None:
+      raise CalibrationError("least_squares_merge needs consumer_statistics(..., gram=True)")
+    n, keep = gp.n, np.asarray(gp.keep)
+    idx = m.offset + np.arange(n)
+    g = st.gram[np.ix_(idx, idx)].astype(np.float64)
+    has_bias = m.path[:-len("kernel")] + "bias" in flat
+    if centered if centered is not None else has_bias:
+      mu = st.mean[idx].astype(np.float64)
+      g = g - np.outer(mu, mu)
+    gkk = g[np.ix_(keep, keep)]
+    lam = ridge * max(float(np.mean(np.diag(gkk))), 1e-12)
+    t = np.linalg.solve(gkk + lam * np.eye(len(keep)), g[keep])  # (m, n): column j regresses x_j on X_k
+    t[:, keep] = np.eye(len(keep))
+    select = np.zeros((len(keep), n), np.float32)
+    select[np.arange(len(keep)), keep] = 1.0
+    out[name] = gp._replace(producer_map=select, consumer_map=t.astype(np.float32), transport=None)
+  return Plan(out, plan.source_spec, getattr(plan, "_sizes", None), getattr(plan, "_ndims", None))

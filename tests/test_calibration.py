@@ -117,3 +117,29 @@ def test_errors_name_the_problem():
   with pytest.raises(CalibrationError, match="no call of the consumer layers"):
     consumer_statistics(apply_custom, variables, conv_spec, [x])
   assert stats  # the working statistics were built
+
+
+def test_least_squares_merge_is_exact_for_linearly_dependent_neurons():
+  """Neurons 3..5 are 2x neurons 0..2 after a ReLU-free linear layer: the regression puts them back exactly."""
+
+  class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="out")(nn.Dense(6, name="hidden")(x))
+
+  x = jax.random.normal(jax.random.key(1), (64, 4))
+  variables = jax.tree_util.tree_map(np.array, Linear().init(jax.random.key(0), x))
+  p = variables["params"]
+  p["hidden"]["kernel"][:, 3:] = 2 * p["hidden"]["kernel"][:, :3]
+  p["hidden"]["bias"][3:] = 2 * p["hidden"]["bias"][:3] + 0.5  # an offset: needs the intercept
+  stats = consumer_statistics(Linear().apply, variables, SPEC, [x], gram=True)
+  pl = ifjax.plan(variables, SPEC, 0.5, method="default", importance={"hidden": np.array([3, 2, 1, 0, 0, 0.])})
+  merged = ifjax.calibration.least_squares_merge(pl, variables, SPEC, stats, ridge=0.0)
+  small = compensate_bias(ifjax.apply_plan(variables, SPEC, merged), variables, SPEC, merged, stats)
+  small_apply = ifjax.resize(Linear().apply, variables, small, x)
+  np.testing.assert_allclose(small_apply(small, x), Linear().apply(variables, x), rtol=1e-4, atol=1e-4)
+  with pytest.raises(CalibrationError, match="gram=True"):
+    ifjax.calibration.least_squares_merge(pl, variables, SPEC, consumer_statistics(Linear().apply, variables,
+                                                                                   SPEC, [x]))
+  with pytest.raises(CalibrationError, match="plain-pruning plan"):
+    ifjax.calibration.least_squares_merge(ifjax.plan(variables, SPEC, 0.5), variables, SPEC, stats)
