@@ -238,7 +238,8 @@ def prune_and_fuse(model: finetune.Model, models: Sequence[Mapping[str, Any]], r
   t0 = time.perf_counter()
   if pruned is None:
     pruned = [prune_one(model, v, ratio, train_data, steps=steps, prune_epochs=prune_epochs,
-                        after_prune_epochs=after_prune_epochs, method=method, mesh=mesh, seed=seed + 100 * i, **options)
+                        after_prune_epochs=after_prune_epochs, method=method, eval_data=eval_data, mesh=mesh,
+                        seed=seed + 100 * i, **options)
               for i, v in enumerate(models)]
   for i, r in enumerate(pruned):
     history[f"prune_{i}"] = r.history
