@@ -202,6 +202,14 @@ class _Builder:
           self.d.union(nodes[k], whole[k], ctx)
     self.add(_Sum(whole[ax], [nodes[ax] for nodes in parts], ctx))
 
+  def r_tile(self, f, i, eqn, ins, outs, ctx):
+    """``jnp.tile``: an axis repeated ``r`` times is ``r`` times its operand's axis (a shrunk one too)."""
+    for k, r in enumerate(eqn.params["reps"]):
+      if r == 1:
+        self.d.union(ins[0][k], outs[0][k], ctx)
+      else:
+        self.add(_Scale(outs[0][k], ins[0][k], r, ctx))
+
   def r_pad(self, f, i, eqn, ins, outs, ctx):
     for k, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
       if (lo, hi, interior) == (0, 0, 0):

@@ -19,7 +19,8 @@ class _ContractionRules:
     if bgroups != 1:
       raise UnsupportedPrimitiveError("conv_general_dilated with batch_group_count > 1")
     if rhs.labels or not rhs.param:
-      raise UnsupportedPrimitiveError("conv_general_dilated whose kernel is not a parameter")
+      raise UnsupportedPrimitiveError("conv_general_dilated whose kernel is not a parameter (or an element-wise "
+                                      "function of one parameter and its statistics)")
     path, axes = rhs.param
     pax = {vax: pa for vax, pa in axes.items()}
     k_out, k_in = pax[dn.rhs_spec[0]], pax[dn.rhs_spec[1]]
@@ -57,7 +58,16 @@ class _ContractionRules:
       self.classes[cls].frozen = f"written by the grouped conv {path!r} (feature_group_count={groups})"
       self.classes[cls].producers.append((self.eqn_counter, Member(path, k_out, 0)))
       out.labels[fax] = ((0, c_out, cls, 0),)
+    self.standardised(rhs, path, {k_in: in_segs, k_out: out.labels.get(fax, ())})
     return [out]
+
+  def standardised(self, kernel, path, segs_by_axis):
+    """A kernel standardised over some of its axes (BiT's weight-standardised convs): the channel groups on
+    those axes are pruning-only, since removing or merging channels changes the statistics."""
+    for pax, segs in segs_by_axis.items():
+      if pax in kernel.reduced and segs:
+        self.mark_inexact(segs, f"the kernel {path!r} is standardised over these channels (its mean and variance "
+                                "run over them), so merging neurons changes it")
 
   def consumer(self, c, o, l, path, pax, start, outer=1, inner=1):
     cls = self.classes[self.find(c)]

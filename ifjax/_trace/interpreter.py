@@ -254,6 +254,9 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
 
   # -- element-wise ops ----------------------------------------------------------------
   def elementwise(self, name, ins, shapes, out_shape) -> _Value:
+    derived = self.derived(ins)
+    if derived is not None:
+      return derived
     out = _Value()
     ndim = len(out_shape)
     acts = [(v, s) for v, s in zip(ins, shapes) if v.labels]
@@ -284,6 +287,23 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
     if name == "mul" and acts and out.labels and kernels:  # a per-channel (depthwise) kernel tap
       out.origin, out.bn = _module(kernels[0]), None
     return out
+
+  @staticmethod
+  def derived(ins) -> _Value | None:
+    """An element-wise function of one parameter and constants (``(w - mean(w)) / std(w)``, ``var + eps``) is
+    still that parameter for the ops that read it (a conv's kernel); its ``reduced`` axes say which statistics
+    it carries. None if another operand varies with the input or is another parameter."""
+    prms = [v for v in ins if v.param]
+    if not prms or len({v.param[0] for v in prms}) != 1:
+      return None
+    if any(v.labels or v.data or v.params for v in ins) or any(not v.param and v.reduced for v in ins):
+      return None
+    axes: dict[int, int] = {}
+    for v in prms:
+      for a, pa in v.param[1].items():
+        if axes.setdefault(a, pa) != pa:
+          return None
+    return _Value(param=(prms[0].param[0], axes), reduced=frozenset().union(*(v.reduced for v in prms)))
 
   def merge_axis(self, segs: list, name: str) -> tuple:
     """The labels of one axis of an op that combines its operands element-wise along it."""

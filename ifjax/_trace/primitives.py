@@ -40,7 +40,7 @@ PRIMITIVES: dict[str, str] = _kinds(
     reduction="reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin",
     window="reduce_window_sum reduce_window_max reduce_window_min reduce_window",
     structural="""broadcast_in_dim reshape transpose squeeze pad slice dynamic_slice dynamic_update_slice
-        concatenate split iota gather optimization_barrier""",
+        concatenate split iota gather optimization_barrier tile""",
     contraction="dot_general conv_general_dilated",
     call="""jit pjit closed_call core_call remat remat2 checkpoint custom_jvp_call custom_vjp_call
         custom_vjp_call_jaxpr""",

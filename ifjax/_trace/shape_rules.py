@@ -36,8 +36,15 @@ class _ShapeRules:
         split = _reshape_split(old, new, ax)
         if split is None:
           raise UnsupportedPrimitiveError(f"reshape {old} -> {new} splits the channel axis {ax} of "
-                                          f"{self.describe(v)} other than into (heads, head dim)")
-        out.labels[split[0]], out.labels[split[1]] = self.split_blocks(segs, new[split[1]], f"reshape {old} -> {new}")
+                                          f"{self.describe(v)} other than into ([stacked,] heads, head dim)")
+        what = f"reshape {old} -> {new}"
+        if len(split) == 2:
+          out.labels[split[0]], out.labels[split[1]] = self.split_blocks(segs, new[split[1]], what)
+        else:  # a fused qkv (3, heads, head dim): each stacked third split into heads, all thirds one group
+          stacked = self.stacked(segs, old[ax], math.prod(new[j] for j in split[:-2]), what)
+          labels = [self.split_blocks(part, new[split[-1]], what) for part in stacked]
+          out.labels[split[-2]] = self.merge_axis([h for h, _ in labels], what)
+          out.labels[split[-1]] = self.merge_axis([d for _, d in labels], what)
         continue
       j, outer, inner = where[ax]
       if (outer, inner) == (1, 1):
@@ -59,6 +66,24 @@ class _ShapeRules:
         raise UnsupportedPrimitiveError(f"reshape merges a channel axis of {self.describe(v)} with other axes")
     out.origin = v.origin
     return [out]
+
+  def stacked(self, segs, size, f, what) -> list[tuple]:
+    """The labels of an axis of ``size`` channels cut into ``f`` equal stacked parts (the q, k and v thirds of a
+    fused qkv projection), each relative to its part's start; a class across a cut is split there. Every part
+    must hold its channels in the same layout (it is one group per position across the parts)."""
+    part = size // f
+    for s, l, c, o in self.whole(segs, what):
+      cuts = {b - s + o for b in range(part, size, part) if s < b < s + l}
+      if cuts:
+        self.split(c, cuts)
+    parts: list[list] = [[] for _ in range(f)]
+    for seg in segs:
+      for s, l, c, o in self.resolve(seg):
+        parts[s // part].append((s % part, l, c, o))
+    if any([(s, l) for s, l, _, _ in p] != [(s, l) for s, l, _, _ in parts[0]] for p in parts):
+      raise UnsupportedPrimitiveError(f"{what}: the {f} stacked parts of the channel axis hold channel groups in "
+                                      "different layouts")
+    return [tuple(p) for p in parts]
 
   def split_blocks(self, segs, b, what) -> tuple[tuple, tuple]:
     """Channels split into (heads, head dim = ``b``), e.g. attention heads or GroupNorm's groups: each class
@@ -133,6 +158,8 @@ class _ShapeRules:
                                         "statistics), so merging neurons changes the result")
     keep = [i for i in range(len(shapes[0])) if i not in axes]
     out = _moved(v, {src: dst for dst, src in enumerate(keep)})
+    if v.param:  # statistics of a parameter (a weight-standardised kernel's mean and variance)
+      out.reduced = v.reduced | {v.param[1][a] for a in axes if a in v.param[1] and shapes[0][a] > 1}
     out.origin = None
     return [out]
 
@@ -203,6 +230,19 @@ class _ShapeRules:
       if sizes[ax] != shape[ax]:
         raise UnsupportedPrimitiveError(f"dynamic_slice of part of the channel axis {ax} of {self.describe(v)}")
     return [self.sliced(v, shape, [0] * len(shape), sizes, (1,) * len(shape))]
+
+  def p_tile(self, eqn, ins, shapes, out_shapes):
+    """``jnp.tile`` (CLIP's class embedding tiled over the batch): an axis repeated once keeps its channels; a
+    size-1 axis repeated is a broadcast; repeating the channels of a channel axis is refused."""
+    v, reps = ins[0], eqn.params["reps"]
+    for ax, r in enumerate(reps):
+      if r != 1 and (ax in v.labels or ax in v.params):
+        raise UnsupportedPrimitiveError(f"tile repeats the channel axis {ax} of {self.describe(v)} {r} times")
+    out = _moved(v, {ax: ax for ax, r in enumerate(reps) if r == 1 or ax in v.data})
+    if v.param:  # a parameter axis repeated holds no channels (a size-1 axis repeated is a broadcast)
+      path, axes = v.param
+      out.param = (path, {a: pa for a, pa in axes.items() if reps[a] == 1})
+    return [out]
 
   def p_iota(self, eqn, ins, shapes, out_shapes):
     return [_Value()]
@@ -292,12 +332,13 @@ def _reshape_map(old, new) -> dict[int, tuple[int, int, int]]:
   return out
 
 
-def _reshape_split(old, new, k) -> tuple[int, int] | None:
-  """The two new axes (outer, inner) that old axis ``k`` is split into by a row-major reshape, or None."""
+def _reshape_split(old, new, k) -> tuple[int, ...] | None:
+  """The new axes (outer to inner, at least two) that old axis ``k`` is split into by a row-major reshape, or None:
+  (heads, head dim), or (stacked..., heads, head dim) for a fused qkv projection."""
   lo = math.prod(old[k + 1:])
   hi = lo * old[k]
   inner_new = [math.prod(new[j + 1:]) for j in range(len(new))]
   js = [j for j in range(len(new)) if new[j] > 1 and inner_new[j] >= lo and inner_new[j] * new[j] <= hi]
-  if len(js) == 2 and inner_new[js[1]] == lo and inner_new[js[0]] * new[js[0]] == hi:
-    return js[0], js[1]
+  if len(js) >= 2 and inner_new[js[-1]] == lo and inner_new[js[0]] * new[js[0]] == hi:
+    return tuple(js)
   return None

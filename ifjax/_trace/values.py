@@ -42,6 +42,8 @@ class _Value:
   ``param``: for a parameter seen through shape-only ops: (path, value axis -> param axis).
   ``data``: axes without channel groups along which the values still vary with the input (tokens of an
   MLP-Mixer); channels added element-wise to such an axis are pinned in place (frozen).
+  ``reduced``: for a function of one parameter (``param``: ``(w - mean(w)) / std(w)``, a weight-standardised
+  kernel), the parameter's axes its statistics run over.
   """
 
   labels: dict[int, tuple[Seg, ...]] = dataclasses.field(default_factory=dict)
@@ -50,6 +52,7 @@ class _Value:
   param: tuple[str, dict[int, int]] | None = None
   bn: str | None = None  # the BatchNorm applied since ``origin``'s layer
   data: frozenset = frozenset()  # unlabelled axes that carry the function's input data (not a broadcast)
+  reduced: frozenset = frozenset()  # axes of ``param``'s array that a reduction ran over (a standardised kernel)
 
 
 def _plain(seg):
@@ -65,7 +68,8 @@ def _layout(seg):
 
 def _moved(v: _Value, mapping: dict[int, int]) -> _Value:
   """Relabels axes (src -> dst); axes not in ``mapping`` lose their labels."""
-  out = _Value(origin=v.origin, bn=v.bn, data=frozenset(mapping[a] for a in v.data if a in mapping))
+  out = _Value(origin=v.origin, bn=v.bn, data=frozenset(mapping[a] for a in v.data if a in mapping),
+               reduced=v.reduced)
   for ax, segs in v.labels.items():
     if ax in mapping:
       out.labels[mapping[ax]] = segs
