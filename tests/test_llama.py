@@ -138,7 +138,7 @@ def test_live_against_transformers(L, full):
   ours = [tok.encode(s).ids for s in sentences]
   assert ours == hf_tokens(path, sentences)
   module, variables = full
-  ids = ours[:2]
+  ids = ours[:1]
   for x, ref in zip(ids, hf_logits(path, ids)):
     assert _rel(module.apply(variables, jnp.asarray([x]))[0], ref) < 1e-4
 
@@ -176,8 +176,8 @@ def test_pruning_a_kv_group_removes_its_query_heads(L, sliced):
   assert small["params"]["layer1"]["attn"]["q"]["kernel"].shape == (576, 2, 3, 64)  # 6 query heads, 3 per KV
   zeroed = jax.tree.map(np.array, variables)
   zeroed["params"]["layer1"]["attn"]["o"]["kernel"][1] = 0
-  out = ifjax.resize(module.apply, variables, small, ids)(small, ids)
-  assert _rel(out, module.apply(zeroed, ids)) < 1e-5
+  out = jax.jit(ifjax.resize(module.apply, variables, small, ids))(small, ids)
+  assert _rel(out, jax.jit(module.apply)(zeroed, ids)) < 1e-5
 
 
 def test_pruned_rotary_pairs_take_their_frequencies(L, sliced):
@@ -195,8 +195,8 @@ def test_pruned_rotary_pairs_take_their_frequencies(L, sliced):
   pl = ifjax.plan(zeroed, spec, {name: 2 / 32}, groups=[name], importance={name: scores}, method="default")
   small = ifjax.apply_plan(zeroed, spec, pl)
   assert small["params"]["layer0"]["attn"]["rotary"].shape == (30,)
-  out = ifjax.resize(module.apply, variables, small, ids)(small, ids)
-  assert _rel(out, module.apply(zeroed, ids)) < 1e-5
+  out = jax.jit(ifjax.resize(module.apply, variables, small, ids))(small, ids)
+  assert _rel(out, jax.jit(module.apply)(zeroed, ids)) < 1e-5
 
 
 # -- fusion, resize, save ---------------------------------------------------------------------------------------
@@ -212,14 +212,30 @@ def _planted(variables, spec, groups):
   return unflatten({k: jnp.asarray(a) for k, a in flat.items()})
 
 
+def _random_variables(L, config, seed: int = 0):
+  """Variables of a random Llama ``config``, through the GGUF loader (tensors named and shaped as in a file)."""
+  from ifjax.models._gguf import GGUFFile
+  rng = np.random.default_rng(seed)
+  c, q, kv = config, config.heads * config.head_dim, config.kv_heads * config.head_dim
+  shapes = {"token_embd.weight": (c.vocab, c.hidden), "output_norm.weight": (c.hidden,)}
+  for i in range(c.layers):
+    shapes.update({f"blk.{i}.{k}": s for k, s in (
+        ("attn_norm.weight", (c.hidden,)), ("ffn_norm.weight", (c.hidden,)), ("attn_q.weight", (q, c.hidden)),
+        ("attn_k.weight", (kv, c.hidden)), ("attn_v.weight", (kv, c.hidden)), ("attn_output.weight", (c.hidden, q)),
+        ("ffn_gate.weight", (c.mlp, c.hidden)), ("ffn_up.weight", (c.mlp, c.hidden)),
+        ("ffn_down.weight", (c.hidden, c.mlp)))})
+  tensors = {k: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else rng.standard_normal(s) / np.sqrt(s[-1]))
+             for k, s in shapes.items()}
+  return L.llama_variables(GGUFFile(Path("random.gguf"), {}, tensors), config)
+
+
 def test_planted_duplicates_fused_barycentric_keep_the_logits(L):
-  config = L.LlamaConfig(vocab=64, hidden=32, mlp=48, layers=2, heads=8, kv_heads=4, head_dim=8, rope_base=1e4)
-  module = L.Llama(config)
+  config = L.LlamaConfig(vocab=64, hidden=32, mlp=48, layers=1, heads=8, kv_heads=4, head_dim=8, rope_base=1e4)
+  module, variables = L.Llama(config), _random_variables(L, config)
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 10)), jnp.int32)
-  variables = module.init(jax.random.key(0), ids)
   spec = ifjax.trace_spec(module.apply, variables, ids)
   exact = [g for g in spec.groups if g.exact]
-  assert sorted(g.name for g in exact) == sorted(f"layer{i}/{k}" for i in (0, 1) for k in (
+  assert sorted(g.name for g in exact) == sorted(f"layer0/{k}" for k in (
       "attn/q:heads", "attn/q:subheads", "attn/v:head_dim", "mlp/gate"))
   sizes = spec.validate(variables)
   rng = np.random.default_rng(0)
@@ -233,11 +249,11 @@ def test_planted_duplicates_fused_barycentric_keep_the_logits(L):
   fuse = lambda v: ifjax.intra_fuse(v, spec, 0.5, groups=names, importance=scores, normalization="barycentric")
   fused = fuse(dup)
   w = ifjax.widths(fused, spec)
-  assert (w["layer0/attn/q:heads"], w["layer0/attn/q:subheads"], w["layer1/mlp/gate"]) == (2, 1, 24)
-  small = jax.jit(ifjax.resize(module.apply, variables, fused, ids))
-  assert _rel(small(fused, ids), module.apply(dup, ids)) < 1e-4
+  assert (w["layer0/attn/q:heads"], w["layer0/attn/q:subheads"], w["layer0/mlp/gate"]) == (2, 1, 24)
+  small, run = jax.jit(ifjax.resize(module.apply, variables, fused, ids)), jax.jit(module.apply)
+  assert _rel(small(fused, ids), run(dup, ids)) < 1e-4
   control = fuse(variables)  # the same fusion without duplicates changes the logits
-  assert _rel(small(control, ids), module.apply(variables, ids)) > 1e-2
+  assert _rel(small(control, ids), run(variables, ids)) > 1e-2
 
 
 def test_resize_equals_keep_shapes(sliced):
@@ -258,25 +274,29 @@ def test_resize_equals_keep_shapes(sliced):
 def test_pruned_model_saves_restores_and_generates_the_same_tokens(L, sliced, tmp_path):
   module, spec, variables, ids = sliced
   pl = ifjax.plan(variables, spec, {"layer0/mlp/gate": 0.5, "layer1/attn/q:heads": 1 / 3,
-                                    "layer1/attn/v:head_dim": 0.25}, normalization="barycentric")
+                                    "layer1/attn/v:head_dim": 0.25}, method="default")
   small = ifjax.apply_plan(variables, spec, pl)
   path = ifjax.save(tmp_path / "smollm2-pruned", small, spec, plan=pl)
   back, back_spec, widths, _ = ifjax.restore(path)
-  assert widths == ifjax.widths(small, back_spec) and widths["layer1/attn/q:heads"] == 2
+  assert widths is not None and widths == ifjax.widths(small, back_spec) and widths["layer1/attn/q:heads"] == 2
   prompt = L.smollm2_tokenizer().encode("The for statement is used to").ids
   run = ifjax.resize(module.apply, variables, small, ids)
-  a = L.greedy_generate(run, small, [prompt], 6)
-  b = L.greedy_generate(ifjax.resize(module.apply, variables, back, ids), back, [prompt], 6)
-  assert a.shape == (1, len(prompt) + 6) and (a == b).all()
+  a = L.greedy_generate(run, small, [prompt], 4)
+  b = L.greedy_generate(ifjax.resize(module.apply, variables, back, ids), back, [prompt], 4)
+  assert a.shape == (1, len(prompt) + 4) and (a == b).all()
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
 def test_truncated_gguf_names_the_file(L, tmp_path):
   from ifjax.models._gguf import GGUFError
-  data = L.smollm2_path().read_bytes()
-  for n in (1000, 2_000_000, len(data) - 1000):
-    bad = tmp_path / f"cut{n}.gguf"
-    bad.write_bytes(data[:n])
+  with open(L.smollm2_path(), "rb") as f:
+    head = f.read(200_000)
+  tiny = _tiny_gguf(tmp_path / "tiny.gguf", "llama").read_bytes()
+  # SmolLM2 cut in its metadata and in its tokenizer strings; a tiny Llama cut in its last tensor
+  cuts = (("meta", head[:1000]), ("tokens", head), ("tiny", tiny[:-100]))
+  for name, data in cuts:
+    bad = tmp_path / f"cut-{name}.gguf"
+    bad.write_bytes(data)
     with pytest.raises(GGUFError, match=re.escape(str(bad))) as e:
       L.load_smollm2(bad)
     assert "truncated" in str(e.value) and isinstance(e.value, ifjax.IfjaxError)
@@ -295,7 +315,7 @@ def _tiny_gguf(path, arch: str, heads: int = 4, kv_heads: int = 2):
   w.add_head_count(heads)
   w.add_head_count_kv(kv_heads)
   w.add_layer_norm_rms_eps(1e-5)
-  w.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+  w.add_tensor("token_embd.weight", np.zeros((64, 16), np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

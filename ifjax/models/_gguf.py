@@ -44,6 +44,10 @@ def _import_gguf():
   return gguf
 
 
+# metadata of files read before, by (path, size, mtime): parsing SmolLM2's 98k tokenizer strings takes seconds
+_METADATA: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def read_gguf(path: str | os.PathLike, tensors: bool = True) -> GGUFFile:
   """The metadata and (with ``tensors``) the float32 tensors of GGUF file ``path``.
 
@@ -57,7 +61,10 @@ def read_gguf(path: str | os.PathLike, tensors: bool = True) -> GGUFFile:
     magic = f.read(4)
   if magic != b"GGUF":
     raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-  size = path.stat().st_size
+  stat = path.stat()
+  size, cache_key = stat.st_size, (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+  if not tensors and cache_key in _METADATA:
+    return GGUFFile(path, dict(_METADATA[cache_key]), {})
   try:
     reader = gguf.GGUFReader(path)
   except (ValueError, IndexError, KeyError, OverflowError, EOFError) as e:
@@ -71,6 +78,9 @@ def read_gguf(path: str | os.PathLike, tensors: bool = True) -> GGUFFile:
       metadata[key] = field.contents()
     except (ValueError, IndexError) as e:
       raise GGUFError(f"{path}: metadata {key!r} cannot be read ({e})") from None
+  if len(_METADATA) >= 4:
+    _METADATA.pop(next(iter(_METADATA)))
+  _METADATA[cache_key] = dict(metadata)
   arrays: dict[str, np.ndarray] = {}
   if tensors:
     for t in reader.tensors:

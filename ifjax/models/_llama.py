@@ -108,7 +108,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions):
     c = self.config
-    dense = lambda shape, name: nn.DenseGeneral(shape, use_bias=False, name=name)  # noqa: E731
+    dense = lambda shape, name: nn.DenseGeneral(shape, use_bias=False, name=name)
     q = dense((c.kv_heads, c.group, c.head_dim), "q")(x)  # (b, l, kv, group, d)
     k = dense((c.kv_heads, c.head_dim), "k")(x)  # (b, s, kv, d)
     v = dense((c.kv_heads, c.head_dim), "v")(x)
@@ -164,7 +164,7 @@ class Llama(nn.Module):
 
 
 # -- GGUF -> Flax ----------------------------------------------------------------------------------------------
-def _meta(f: GGUFFile, key: str, kind=int):
+def _meta(f: GGUFFile, key: str, kind: Any = int) -> Any:
   arch = f.metadata.get("general.architecture")
   full = f"{arch}.{key}"
   if full not in f.metadata:
