@@ -669,6 +669,25 @@ def _unit_pairs(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndar
   return first, rows, last[rows]
 
 
+# multiply-adds of a map product above which a sparse map (an exact OT plan has at most n + m - 1 nonzeros) is
+# applied by its nonzero entries instead of a dense tensordot: LLM-sized groups, never the small pinned models
+_SPARSE_PRODUCT = 2**32
+
+
+def _sparse_rows(mat: np.ndarray, seg: np.ndarray) -> np.ndarray:
+  """``tensordot(mat, seg, 1)`` from ``mat``'s nonzero entries: (m, n) x (n, ...) -> (m, ...), each row the sum
+  of its sources in column order (dense where the map is more than a quarter full)."""
+  rows, cols = np.nonzero(mat)
+  if rows.size * 4 > mat.size:
+    return np.tensordot(mat, seg, axes=1)
+  out = np.zeros((mat.shape[0], *seg.shape[1:]), np.float32)
+  step = max(1, 2**26 // max(1, seg[0].size))  # bound the (entries, ...) products held at once
+  for i in range(0, rows.size, step):
+    r, c = rows[i:i + step], cols[i:i + step]
+    np.add.at(out, r, mat[r, c].reshape(-1, *([1] * (seg.ndim - 1))) * seg[c])
+  return out
+
+
 def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: bool,
                pairs: dict[int, tuple[Any, Any]]) -> jax.Array:
   """Replaces segments [offset, offset + n) of the neuron (sub-)axis by their m reduced entries
@@ -690,7 +709,9 @@ def _edit_axis(arr: jax.Array, view: Member | FlatMember, segs, keep_shapes: boo
         if id(mat) not in pairs:  # the map is kept in the entry, so its id is not reused while cached
           pairs[id(mat)] = (mat, _unit_pairs(np.asarray(mat, np.float32)))
         unit = pairs[id(mat)][1]
-        if unit is None:
+        if unit is None and mat.size * seg[0].size > _SPARSE_PRODUCT:
+          fused = _sparse_rows(np.asarray(mat, np.float32), seg.astype(np.float32, copy=False))
+        elif unit is None:
           fused = np.tensordot(np.asarray(mat, np.float32), seg.astype(np.float32), axes=1)
         else:
           first, rows, second = unit

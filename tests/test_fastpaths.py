@@ -170,3 +170,19 @@ def test_solving_queued_groups_early_changes_nothing(monkeypatch):
   for g in groups:
     for field in ("keep", "transport", "producer_map", "consumer_map"):
       np.testing.assert_array_equal(np.asarray(getattr(early[g], field)), np.asarray(getattr(whole[g], field)))
+
+
+def test_sparse_maps_of_large_groups_apply_as_the_dense_product(monkeypatch):
+  """Above _SPARSE_PRODUCT a map is applied by its nonzero entries (an exact plan has <= n + m - 1): same values."""
+  rng = np.random.default_rng(0)
+  w = {"params": {"a": {"kernel": rng.standard_normal((5, 40)).astype(np.float32)},
+                  "b": {"kernel": rng.standard_normal((40, 3)).astype(np.float32)}}}
+  spec = ifjax.Spec([ifjax.Group("a", [("params/a/kernel", 1)], [("params/b/kernel", 0)])])
+  pl = ifjax.plan(w, spec, 0.3)
+  assert np.count_nonzero(pl["a"].producer_map) <= 40 + 28 - 1
+  dense = ifjax.apply_plan(w, spec, pl)
+  monkeypatch.setattr(_fuse, "_SPARSE_PRODUCT", 0)
+  sparse = ifjax.apply_plan(w, spec, pl)
+  for layer in ("a", "b"):
+    np.testing.assert_allclose(sparse["params"][layer]["kernel"], dense["params"][layer]["kernel"], rtol=1e-5,
+                               atol=1e-6)
