@@ -96,8 +96,10 @@ class TwoOutputs(nn.Module):
 
 
 def _traced(module, x):
-  variables = module.init(jax.random.key(0), x)
-  variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), variables)
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+  noise = np.random.default_rng(1)
+  variables = jax.tree.map(lambda a: np.asarray(a) + np.float32(0.1) * noise.normal(size=a.shape).astype(np.float32),
+                           variables)
   return variables, ifjax.trace_spec(module.apply, variables, x)
 
 
@@ -105,8 +107,8 @@ def _resize_error(module, variables, spec, x, groups, ratio=0.5):
   """Relative difference of the resized model to the zero-padded one, and the resized output's shape."""
   plan = ifjax.plan(variables, spec, ratio, groups=groups)
   small = ifjax.apply_plan(variables, spec, plan)
-  got = ifjax.resize(module.apply, variables, small, x)(small, x)
-  want = module.apply(ifjax.apply_plan(variables, spec, plan, keep_shapes=True), x)
+  got = jax.jit(ifjax.resize(module.apply, variables, small, x))(small, x)
+  want = jax.jit(module.apply)(ifjax.apply_plan(variables, spec, plan, keep_shapes=True), x)
   return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))), plan.widths()
 
 
