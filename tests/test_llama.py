@@ -133,7 +133,7 @@ def test_live_against_transformers(L, full):
   pytest.importorskip("transformers", reason="the live check against transformers needs transformers")
   pytest.importorskip("accelerate", reason="transformers reads GGUF files only with accelerate installed")
   path = L.smollm2_path()
-  sentences = english_sentences(6)
+  sentences = [*english_sentences(6), "<|im_start|>user\nHi, 2024 ünïcödé 😀\tand   spaces<|im_end|>\n<|endoftext|>"]
   tok = L.smollm2_tokenizer()
   ours = [tok.encode(s).ids for s in sentences]
   assert ours == hf_tokens(path, sentences)
@@ -149,7 +149,7 @@ def test_spec_groups_gqa_heads_rotary_pairs_mlp_and_residual(sliced):
   groups = {g.name: g for g in spec.groups}
   kinds = ("attn/q:heads", "attn/q:subheads", "attn/q:head_dim", "attn/v:head_dim", "mlp/gate")
   assert sorted(groups) == sorted(["embed", *(f"layer{i}/{k}" for i in (0, 1) for k in kinds)])
-  members = lambda g: sorted((m.path.split("/", 2)[2], m.axis, getattr(m, "inner", 1)) for m in g)
+  members = lambda g: sorted((m.path.split("/", 2)[2], m.axis, getattr(m, "inner", 1)) for m in g)  # no layer
   kv = groups["layer0/attn/q:heads"]  # a KV head with the query heads that share it
   assert members(kv.producers) == [("attn/k/kernel", 1, 1), ("attn/q/kernel", 1, 1), ("attn/v/kernel", 1, 1)]
   assert members(kv.consumers) == [("attn/o/kernel", 0, 1)] and kv.exact
@@ -194,7 +194,7 @@ def test_pruned_rotary_pairs_take_their_frequencies(L, sliced):
   scores[[5, 20]] = 0
   pl = ifjax.plan(zeroed, spec, {name: 2 / 32}, groups=[name], importance={name: scores}, method="default")
   small = ifjax.apply_plan(zeroed, spec, pl)
-  assert small["params"]["layer0"]["attn"]["rotary"].shape == (30,)
+  assert small["constants"]["layer0"]["attn"]["rotary"].shape == (30,)
   out = jax.jit(ifjax.resize(module.apply, variables, small, ids))(small, ids)
   assert _rel(out, jax.jit(module.apply)(zeroed, ids)) < 1e-5
 
@@ -306,9 +306,14 @@ def test_truncated_gguf_names_the_file(L, tmp_path):
     L.load_smollm2(other)
 
 
-def _tiny_gguf(path, arch: str, heads: int = 4, kv_heads: int = 2):
+def _tiny_gguf(path, arch: str, heads: int = 4, kv_heads: int = 2, tokenizer: str | None = None,
+               tokens: int = 64, merges: tuple[str, ...] = ()):
   import gguf
   w = gguf.GGUFWriter(str(path), arch)
+  if tokenizer is not None:
+    w.add_tokenizer_model(tokenizer)
+    w.add_token_list([f"t{i}" for i in range(tokens)])
+    w.add_token_merges(list(merges))
   w.add_block_count(1)
   w.add_embedding_length(16)
   w.add_feed_forward_length(32)
@@ -337,6 +342,19 @@ def test_head_counts_that_split_a_kv_group(L, tmp_path):
     L.load_smollm2(path)
   with pytest.raises(L.LlamaConfigError, match="9 would split a KV group"):
     L.LlamaConfig(vocab=8, hidden=36, mlp=8, layers=1, heads=9, kv_heads=2, head_dim=4)
+
+
+def test_tokenizer_mismatch_names_the_file(L, tmp_path):
+  from ifjax.models._gguf import GGUFError
+  path = _tiny_gguf(tmp_path / "spm.gguf", "llama", tokenizer="llama")
+  with pytest.raises(GGUFError, match=re.escape(str(path)) + ".*'llama'; only byte-level BPE"):
+    L.smollm2_tokenizer(path)
+  path = _tiny_gguf(tmp_path / "merges.gguf", "llama", tokenizer="gpt2", merges=("t1 t99",))
+  with pytest.raises(GGUFError, match=re.escape(str(path)) + ".*'t1 t99'.*not in tokenizer.ggml.tokens"):
+    L.smollm2_tokenizer(path)
+  path = _tiny_gguf(tmp_path / "other.gguf", "llama", tokenizer="gpt2", tokens=100)
+  with pytest.raises(GGUFError, match=re.escape(str(path)) + ".*100 tokens, the embedding only 64 rows"):
+    L.load_smollm2(path)
 
 
 def test_missing_carrier_package_says_how_to_install(L, monkeypatch):

@@ -116,6 +116,10 @@ def gguf_tokenizer(metadata: dict[str, Any], path: str | os.PathLike = "<gguf>")
   vocab = {t: i for i, t in enumerate(tokens)}
   if len(vocab) != len(tokens):
     raise GGUFError(f"{path}: tokenizer.ggml.tokens has duplicate tokens")
+  unknown = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab), None)
+  if unknown is not None:
+    raise GGUFError(f"{path}: tokenizer.ggml.merges has {' '.join(unknown)!r}, which merges tokens not in "
+                    "tokenizer.ggml.tokens")
   tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
   tok.pre_tokenizer = pre_tokenizers.Sequence([  # type: ignore[assignment]
       pre_tokenizers.Digits(individual_digits=True),

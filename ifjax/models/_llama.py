@@ -9,7 +9,8 @@
   queries-per-kv-head axis is another (the same query head of every KV group);
 * rotary embeddings rotate adjacent pairs (llama.cpp's layout of ``attn_q`` / ``attn_k``): q and k are
   reshaped to ``(..., head dim / 2, 2)`` and the pair axis is the query-key head-dim group, with the
-  per-pair rotary frequencies (``params/.../attn/rotary``) as its members, so pruned pairs take their
+  per-pair rotary frequencies (``constants/layer{i}/attn/rotary``, a variable collection beside ``params``) as its
+  members, so pruned pairs take their
   frequencies with them; the value / output head dims are a group of their own (exact);
 * SwiGLU's gate and up projections produce the MLP neurons, down consumes them;
 * the residual width (embedding, every RMSNorm scale, tied head) is one pruning-only group.
@@ -112,8 +113,10 @@ class Attention(nn.Module):
     q = dense((c.kv_heads, c.group, c.head_dim), "q")(x)  # (b, l, kv, group, d)
     k = dense((c.kv_heads, c.head_dim), "k")(x)  # (b, s, kv, d)
     v = dense((c.kv_heads, c.head_dim), "v")(x)
-    freq = self.param("rotary", lambda key, shape: jnp.asarray(rotary_frequencies(c.head_dim, c.rope_base)),
-                      (c.head_dim // 2,))
+    # the rotary frequency of each pair: a constant, kept as a variable (not a parameter: nothing trains or decays
+    # it) so that pruning a pair cuts its frequency too
+    freq = self.variable("constants", "rotary", lambda: jnp.asarray(rotary_frequencies(c.head_dim, c.rope_base)))
+    freq = jax.lax.stop_gradient(freq.value)
     q, k = _rotate(q, positions, freq), _rotate(k, positions, freq)  # (..., d / 2, 2)
     scores = jnp.einsum("blgrpi,bsgpi->bgrls", q, k) / np.sqrt(c.head_dim).astype(np.float32)
     length = x.shape[1]
@@ -186,6 +189,10 @@ def llama_config(f: GGUFFile, layers: int | None = None) -> LlamaConfig:
     vocab = f.metadata["llama.vocab_size"]
   else:
     vocab = len(f.metadata.get("tokenizer.ggml.tokens", ()))
+  tokens = f.metadata.get("tokenizer.ggml.tokens")
+  if tokens is not None and len(tokens) > int(vocab):
+    raise GGUFError(f"{f.path}: the tokenizer has {len(tokens)} tokens, the embedding only {vocab} rows: a tokenizer "
+                    "of another model")
   n = _meta(f, "block_count")
   try:
     return LlamaConfig(vocab=int(vocab), hidden=hidden, mlp=_meta(f, "feed_forward_length"),
@@ -223,12 +230,12 @@ def llama_variables(f: GGUFFile, config: LlamaConfig) -> dict:
             "q": {"kernel": get(b + "attn_q.weight", (c.heads * d, h)).T.reshape(h, c.kv_heads, c.group, d)},
             "k": {"kernel": get(b + "attn_k.weight", (c.kv_heads * d, h)).T.reshape(h, c.kv_heads, d)},
             "v": {"kernel": get(b + "attn_v.weight", (c.kv_heads * d, h)).T.reshape(h, c.kv_heads, d)},
-            "o": {"kernel": get(b + "attn_output.weight", (h, c.heads * d)).T.reshape(c.kv_heads, c.group, d, h)},
-            "rotary": rotary_frequencies(d, c.rope_base)},
+            "o": {"kernel": get(b + "attn_output.weight", (h, c.heads * d)).T.reshape(c.kv_heads, c.group, d, h)}},
         "mlp": {"gate": {"kernel": get(b + "ffn_gate.weight", (c.mlp, h)).T},
                 "up": {"kernel": get(b + "ffn_up.weight", (c.mlp, h)).T},
                 "down": {"kernel": get(b + "ffn_down.weight", (h, c.mlp)).T}}}
-  return {"params": jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), params)}
+  constants = {f"layer{i}": {"attn": {"rotary": rotary_frequencies(d, c.rope_base)}} for i in range(c.layers)}
+  return {"params": jax.tree.map(lambda a: np.ascontiguousarray(a, np.float32), params), "constants": constants}
 
 
 def llama_spec(module: Llama, variables, length: int = 4):
