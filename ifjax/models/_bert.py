@@ -31,7 +31,9 @@ The spec is traced (:func:`ifjax.trace_spec`), not written: per layer ``layer_{i
 heads: query, key, value and out), ``layer_{i}/attention/query:head_dim`` (query-key dims, pruning-only: the
 product contracts them), ``layer_{i}/attention/value:head_dim`` (value dims) and ``layer_{i}/mlp/fc1`` (MLP
 neurons). The residual width is not a group: the pooled embedding *is* the residual stream, so its channels
-reach the output (pruning them would change the embedding's dimension).
+reach the output (pruning them would change the embedding's dimension). Once a head reads the embedding (a task
+head), the tracer finds it as one LayerNorm-coupled, pruning-only group (``word``: the three embedding tables,
+every LayerNorm, every kernel reading or writing the stream); see ``tests/test_bert.py``.
 """
 
 from __future__ import annotations
