@@ -4,8 +4,7 @@ Needs the ``ifjax[llm]`` extra (``gguf``, ``tokenizers``); both are imported laz
 NumPy (row-major) order, the reverse of GGUF's ``ne`` order: a linear layer's weight is ``(out, in)``, as in
 PyTorch. llama.cpp's HF -> GGUF conversion permutes the rows of ``attn_q`` / ``attn_k`` so that rotary
 embeddings rotate *adjacent* pairs (0, 1), (2, 3), ...; :mod:`ifjax.models._llama` keeps that layout.
-
->>> # read_gguf(path).metadata["llama.block_count"] -> 30 for SmolLM2-135M
+For SmolLM2-135M, ``read_gguf(path).metadata["llama.block_count"]`` is 30.
 """
 
 from __future__ import annotations
