@@ -17,6 +17,7 @@
 from ifjax._trace.check import SpecCheckError, check_spec
 from ifjax._trace.nnx import nnx_apply
 from ifjax._trace.spec import trace_spec
-from ifjax._trace.values import UnsupportedPrimitiveError
+from ifjax._trace.values import PaddedChannelsWarning, UnsupportedPrimitiveError
 
-__all__ = ["SpecCheckError", "UnsupportedPrimitiveError", "check_spec", "nnx_apply", "trace_spec"]
+__all__ = ["PaddedChannelsWarning", "SpecCheckError", "UnsupportedPrimitiveError", "check_spec", "nnx_apply",
+           "trace_spec"]

@@ -87,6 +87,7 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
     ca.consumers += cb.consumers
     ca.frozen = ca.frozen or cb.frozen
     ca.inexact = ca.inexact or cb.inexact
+    ca.padded = ca.padded or cb.padded
     if ca.blocks and cb.blocks:
       if ca.blocks[1] != cb.blocks[1]:
         raise UnsupportedPrimitiveError(f"{where}: couples channels split into heads of {ca.blocks[1]} and of "
@@ -115,7 +116,7 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
       p = self.classes[piece]
       p.producers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.producers]
       p.consumers = [(i, m._replace(offset=m.offset + lo)) for i, m in cls.consumers]
-      p.frozen, p.inexact, p.kind = cls.frozen, cls.inexact, cls.kind
+      p.frozen, p.inexact, p.kind, p.padded = cls.frozen, cls.inexact, cls.kind, cls.padded
       cls.pieces.append((lo, hi - lo, piece))
 
   def whole(self, segs, what) -> list:
@@ -268,6 +269,8 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
         if any(ax in v.data for v in ins):
           self.freeze(out.labels[ax], f"{name!r} combines them with input data along the same axis")
     out.data = frozenset().union(*(v.data for v in ins)) - out.labels.keys()
+    if name in ("add", "sub", "add_any"):
+      self.note_padded(ins, out)
     # per-channel parameters meeting labelled activations
     out.bn = next((v.bn for v, _ in acts if v.bn), None)
     for v, s in zip(ins, shapes):  # params on a broadcast axis wait for the channels they will meet (LayerNorm)
@@ -287,6 +290,20 @@ class _Tracer(_ShapeRules, _ContractionRules, UnionFind):
     if name == "mul" and acts and out.labels and kernels:  # a per-channel (depthwise) kernel tap
       out.origin, out.bn = _module(kernels[0]), None
     return out
+
+  def note_padded(self, ins, out: _Value):
+    """A parameter broadcast along a channel axis and added to it (a token-mixing bias of an MLP-Mixer) reaches
+    every channel, the zero-padded ones of ``keep_shapes`` too: marks the channels' classes."""
+    for v in ins:
+      if v.labels or not (v.param or v.params):
+        continue
+      covered = set(v.param[1]) if v.param else set(v.params)
+      path = v.param[0] if v.param else min(p for ms in v.params.values() for p, _ in ms)
+      for ax, segs in out.labels.items():
+        if ax not in covered:
+          for s in (x for seg in segs for x in self.resolve(seg)):
+            c = self.classes[self.find(_plain(s)[2])]
+            c.padded = c.padded or f"parameter {path!r} is added to every channel, the dropped ones too"
 
   @staticmethod
   def derived(ins) -> _Value | None:

@@ -144,6 +144,7 @@ class _ShapeRules:
     for target in (heads, dims):
       target.frozen = target.frozen or cls.frozen
       target.inexact = target.inexact or cls.inexact
+      target.padded = target.padded or cls.padded
     cls.producers, cls.consumers = [], []
     for x in (h, d):
       if self.classes[self.find(x)].blocks is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from ifjax._spec import BatchNormPair, FlatMember, Group, Spec, flatten, unflatten
 from ifjax._trace.interpreter import _Tracer
-from ifjax._trace.values import UnsupportedPrimitiveError, _Class, _module, _Value
+from ifjax._trace.values import PaddedChannelsWarning, UnsupportedPrimitiveError, _Class, _module, _Value
 
 
 def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example_kwargs) -> Spec:
@@ -73,6 +74,11 @@ def trace_spec(apply_fn: Callable[..., Any], variables, *example_args, **example
     shared = any(m.offset or _axis_len(shapes, m) != cls.size for m in producers + consumers)
     group = Group(_group_name(first, cls, shapes), producers, consumers, cls.size if shared else None,
                   exact=not (cls.inexact or tied))
+    if not group.exact and cls.padded:
+      warnings.warn(PaddedChannelsWarning(
+          f"group {group.name!r}: {cls.padded}, and a norm runs over its channels: its zero-padded model "
+          "(apply_plan(..., keep_shapes=True)) is not its pruned model; evaluate the pruned group with ifjax.resize"),
+          stacklevel=2)
     groups.append(((last, first_eqn, first.offset), group))
   groups.sort(key=lambda t: t[0])
   bns = [BatchNormPair(layer, bn, *([tracer.eps[bn]] if bn in tracer.eps else [])) for bn, layer in tracer.bn.items()]

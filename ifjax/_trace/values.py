@@ -18,6 +18,12 @@ class UnsupportedPrimitiveError(IfjaxError, NotImplementedError):
   """A primitive the tracer has no rule for touches a channel axis of some parameter."""
 
 
+class PaddedChannelsWarning(UserWarning):
+  """A pruning-only group whose zero-padded model (``apply_plan(..., keep_shapes=True)``) is not its pruned model
+  (:func:`ifjax.resize`): a parameter is added to every channel of the group, the dropped ones too, so they do not
+  stay zero, and a norm over the channels counts them (an MLP-Mixer's token-mixing biases)."""
+
+
 @dataclasses.dataclass
 class _Class:
   size: int
@@ -28,6 +34,7 @@ class _Class:
   pieces: list | None = None  # after a split: [(start, length, class)] that replace this class
   blocks: tuple[int, int, int] | None = None  # (head class, block length, head-dim class): split into heads
   kind: str = ""  # "heads" / "head_dim": the axes of a split into heads (a reshape, or DenseGeneral)
+  padded: str = ""  # a parameter added to every channel: zero-padded (keep_shapes) channels do not stay zero
 
 
 @dataclasses.dataclass
