@@ -46,6 +46,54 @@ class TimmViT(nn.Module):
     return nn.Dense(5, name="head")(nn.LayerNorm(name="norm")(x).mean(1))
 
 
+class WindowAttention(nn.Module):
+  """timm's Swin window attention: fused qkv, relative position bias gathered from a table per head."""
+
+  heads: int
+  window: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, c = x.shape
+    w = self.window
+    table = self.param("relative_position_bias_table", nn.initializers.normal(0.02), ((2 * w - 1) ** 2, self.heads))
+    coords = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (w - 1)
+    index = rel[..., 0] * (2 * w - 1) + rel[..., 1]
+    bias = table[index.reshape(-1)].reshape(n, n, -1).transpose(2, 0, 1)
+    qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.heads, c // self.heads).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = jax.nn.softmax(q * (c // self.heads) ** -0.5 @ k.swapaxes(-2, -1) + bias[None], axis=-1)
+    return nn.Dense(c, name="proj")((attn @ v).transpose(0, 2, 1, 3).reshape(b, n, c))
+
+
+class SwinBlock(nn.Module):
+  """Shifted windows (roll), window partition and merge by reshapes, pre-norm attention and MLP."""
+
+  heads: int = 4
+  window: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, wd, c = x.shape
+    w = self.window
+    y = nn.LayerNorm(name="norm1")(x)
+    y = jnp.roll(y, (-1, -1), axis=(1, 2))
+    y = y.reshape(b, h // w, w, wd // w, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+    y = WindowAttention(self.heads, w, name="attn")(y)
+    y = y.reshape(b, h // w, wd // w, w, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, wd, c)
+    x = x + jnp.roll(y, (1, 1), axis=(1, 2))
+    return x + nn.Dense(c, name="fc2")(nn.gelu(nn.Dense(4 * c, name="fc1")(nn.LayerNorm(name="norm2")(x))))
+
+
+class Swin(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(16, (2, 2), strides=2, name="patch")(x)
+    x = SwinBlock(name="block0")(x)
+    return nn.Dense(5, name="head")(nn.LayerNorm(name="norm")(x).mean((1, 2)))
+
+
 class ClipVision(nn.Module):
   """CLIP's vision embeddings: patch conv, class embedding tiled over the batch, position embedding."""
 
@@ -128,6 +176,19 @@ def test_fused_qkv_gives_head_groups(ratio):
   exact = [g.name for g in spec.groups if g.exact]
   err, widths = _resize_error(module, variables, spec, x, exact, ratio)
   assert widths["block0/attn/qkv:heads"] == ifjax.kept_count(6, ratio) and err < 1e-5, (err, widths)
+
+
+def test_swin_window_attention():
+  module, x = Swin(), jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  variables, spec = _traced(module, x)
+  assert {g.name: g.exact for g in spec.groups} == {"block0/attn:heads": True, "block0/fc1": True, "patch": False}
+  heads = spec["block0/attn:heads"]
+  assert {(m.path, m.axis) for m in heads.members} == {
+      ("params/block0/attn/relative_position_bias_table", 1), ("params/block0/attn/qkv/kernel", 1),
+      ("params/block0/attn/qkv/bias", 0), ("params/block0/attn/proj/kernel", 0)}
+  ifjax.check_spec(module.apply, variables, spec, x)
+  err, widths = _resize_error(module, variables, spec, x, ["block0/attn:heads", "block0/fc1"])
+  assert widths["block0/attn:heads"] == 2 and err < 1e-5, (err, widths)
 
 
 def test_tiled_class_embedding_is_a_member_of_the_stream():
