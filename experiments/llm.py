@@ -13,9 +13,9 @@ The model comes from :func:`ifjax.models.pretrained` (its traced spec). A cell p
 * ``act_if``: the same importance, barycentric Intra-Fusion with an activation-space OT cost (each neuron's
   consumer inputs on the calibration data), then the same bias compensation (with the small model's own input
   means);
-* ``act_ls``: the same importance and keep sets; each removed MLP neuron merged into the kept ones by the
-  least-squares regression of its consumer input on theirs (:func:`ifjax.calibration.least_squares_merge`), then
-  the bias compensation (the intercept). Head groups: as ``act``.
+* ``act_ls``: the same importance and keep sets; every consumer refitted by least squares on its kept input
+  features (:func:`ifjax.calibration.refit_consumers`: the removed neurons, and a removed head's dims, merged into
+  the kept ones by regression; the intercept into the bias where there is one).
 
 Metrics, on evaluation text that shares no paragraph with the calibration text (:func:`ifjax.data.python_docs`):
 the Llama's perplexity on ``--eval-seqs`` windows of ``--length`` tokens, relative to the dense model's; the
@@ -181,14 +181,11 @@ def run_cell(text: Text, module, spec, variables, example, target, sparsity, met
   elif method == "act_ls":
     opts = dict(method="default", importance=calibration.wanda(stats))
   plan = ifjax.plan(variables, spec, ratio, **opts)
-  if method == "act_ls":
-    mlp = [n for n in names if n in target_groups(spec)["mlp"]]
-    merged = calibration.least_squares_merge(ifjax.Plan({n: plan[n] for n in mlp}, plan.source_spec), variables,
-                                              spec, stats)
-    plan = ifjax.Plan({**plan, **merged}, plan.source_spec, plan._sizes, plan._ndims)
   small = ifjax.apply_plan(variables, spec, plan)
   small_apply = jax.jit(ifjax.resize(module.apply, variables, small, *example))
-  if method in ("act", "act_if", "act_ls") and _has_consumer_bias(variables, spec, names):
+  if method == "act_ls":  # every consumer refitted by least squares (with the intercept where it has a bias)
+    small = calibration.refit_consumers(small, variables, spec, plan, stats)
+  elif method in ("act", "act_if") and _has_consumer_bias(variables, spec, names):
     small_stats = None
     if method == "act_if":  # the fused neurons' own input means: the dense module on the zero-padded variables
       padded = ifjax.apply_plan(variables, spec, plan, keep_shapes=True)

@@ -13,6 +13,8 @@ input feature and a sample of the inputs. From them:
   the fused neurons' means (an approximation);
 - :func:`least_squares_merge`: each removed neuron's consumer weights go to the kept neurons by the least-squares
   regression of its input on theirs (ThiNet / CP-style reconstruction, as a fusion map of its own);
+- :func:`refit_consumers`: the same least squares on the consumers' input features, for any consumer (attention
+  heads too), applied to the pruned variables;
 - :meth:`Statistics.features`: per neuron, its sampled consumer inputs, (n, d): an activation-space OT cost for
   Intra-Fusion (``ifjax.plan(..., features=stats.features(variables))``).
 
@@ -318,3 +320,65 @@ def least_squares_merge(plan: Plan, variables: Variables, spec: Spec, stats: Sta
     select[np.arange(len(keep)), keep] = 1.0
     out[name] = gp._replace(producer_map=select, consumer_map=t.astype(np.float32), transport=None)
   return Plan(out, plan.source_spec, getattr(plan, "_sizes", None), getattr(plan, "_ndims", None))
+
+
+def refit_consumers(small: Variables, variables: Variables, spec: Spec, plan: Plan, stats: Statistics, *,
+                    ridge: float = 1e-3, centered: bool | None = None) -> dict:
+  """``small`` with each recorded consumer of a plain-pruning ``plan`` refitted by least squares.
+
+  The consumer's kept input features ``X_k`` (every feature of the kept neurons: a head's dims included) take
+  over the removed ones: ``W' = argmin ||X W - X_k W'||^2 + ridge * mean(diag) ||W'||^2`` on the calibration
+  data, i.e. ``W' = (G_kk + lam)^-1 G_k: W`` with ``G`` the inputs' second moments (covariance when
+  ``centered``, which also sets the bias to the intercept; default: where the consumer has a bias). For an
+  MLP this is :func:`least_squares_merge` applied; for attention heads it merges the removed heads' dims into
+  the kept heads' dims, which no (m, n) neuron map can express. Needs ``gram=True`` statistics and a plan whose
+  producers are only cut (``method="default"``); the kept neurons then read what they read in the dense model.
+  """
+  flat, small_flat = flatten(variables), dict(flatten(small))
+  for name, gp in plan.items():
+    if gp.producer_map is not None or gp.keep is None:
+      raise CalibrationError(f"group {name!r}: refit_consumers takes a plain-pruning plan (method='default')")
+  paths = sorted({m.path for name in plan for m in _read_members(flat, spec[name], stats)})
+  # each contracted input feature's flat index, laid out like the kernel and cut by the plan as the kernel is
+  index = {}
+  for p in paths:
+    st = stats[p]
+    if st.gram is None:
+      raise CalibrationError("refit_consumers needs consumer_statistics(..., gram=True)")
+    ids = np.arange(st.mean.size, dtype=np.float32).reshape(st.mean.shape)
+    index[p] = np.broadcast_to(st.laid_out(ids, np.ndim(flat[p])), np.shape(flat[p]))
+  selection = Plan({name: gp._replace(transport=None, producer_map=None, consumer_map=None, producer_shift=None)
+                    for name, gp in plan.items()}, plan.source_spec, None)
+  cut = flatten(apply_plan(unflatten({**flat, **index}), spec, selection))
+  for p in paths:
+    st = stats[p]
+    axes = st.axes
+    kernel = np.asarray(flat[p], np.float32)
+    dense_w = np.moveaxis(kernel, axes, range(len(axes))).reshape(st.mean.size, -1)  # (F, outputs)
+    small_kernel = np.asarray(small_flat[p], np.float32)
+    small_shape = np.moveaxis(small_kernel, axes, range(len(axes))).shape
+    kept = np.moveaxis(np.asarray(cut[p]), axes, range(len(axes)))
+    kept = kept.reshape(int(np.prod(small_shape[:len(axes)])), -1)[:, 0].round().astype(np.int64)
+    if kept.size and dense_w.shape[1] != int(np.prod(small_shape[len(axes):])):
+      raise CalibrationError(f"consumer {p!r}: the plan changes its outputs; refit_consumers refits consumers "
+                             "whose outputs the plan leaves alone")
+    g = st.gram.astype(np.float64)
+    bias_path = p[:-len("kernel")] + "bias"
+    use_center = centered if centered is not None else bias_path in small_flat
+    mu = st.mean.reshape(-1).astype(np.float64)
+    if use_center:
+      g = g - np.outer(mu, mu)
+    gkk = g[np.ix_(kept, kept)]
+    lam = ridge * max(float(np.mean(np.diag(gkk))), 1e-12)
+    w_new = np.linalg.solve(gkk + lam * np.eye(kept.size), g[kept] @ dense_w)  # (F_kept, outputs)
+    refit = np.moveaxis(w_new.reshape(small_shape), range(len(axes)), axes)
+    small_flat[p] = jnp.asarray(refit.astype(np.float32), jnp.asarray(small_flat[p]).dtype)
+    if use_center:
+      if bias_path not in small_flat:
+        raise CalibrationError(f"consumer {p[len('params/'):-len('/kernel')]!r} has no bias for the intercept "
+                               "(centered=True)")
+      delta = mu @ dense_w - mu[kept] @ w_new
+      shape = np.shape(small_flat[bias_path])
+      small_flat[bias_path] = jnp.asarray(np.asarray(small_flat[bias_path], np.float32)
+                                          + delta.reshape(shape).astype(np.float32))
+  return unflatten(small_flat)

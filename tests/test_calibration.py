@@ -143,3 +143,32 @@ def test_least_squares_merge_is_exact_for_linearly_dependent_neurons():
                                                                                    SPEC, [x]))
   with pytest.raises(CalibrationError, match="plain-pruning plan"):
     ifjax.calibration.least_squares_merge(ifjax.plan(variables, SPEC, 0.5), variables, SPEC, stats)
+
+
+def test_refit_consumers_matches_least_squares_merge_and_refits_heads():
+  """On an MLP both least-squares paths give one model; on a head group the refit uses every dim of a head."""
+  module, variables, x = _setup()
+  stats = consumer_statistics(module.apply, variables, SPEC, [x], gram=True)
+  pl = ifjax.plan(variables, SPEC, 0.5, importance=wanda(stats), method="default")
+  merged = ifjax.calibration.least_squares_merge(pl, variables, SPEC, stats, ridge=0.0)
+  a = compensate_bias(ifjax.apply_plan(variables, SPEC, merged), variables, SPEC, merged, stats)
+  b = ifjax.calibration.refit_consumers(ifjax.apply_plan(variables, SPEC, pl), variables, SPEC, pl, stats,
+                                       ridge=0.0)
+  np.testing.assert_allclose(Net(width=3).apply(a, x), Net(width=3).apply(b, x), rtol=1e-4, atol=1e-4)
+
+  class Heads(nn.Module):  # 4 heads of 3 dims, the consumer reads (heads, dims); head 3 duplicates head 0
+    @nn.compact
+    def __call__(self, x):
+      h = nn.DenseGeneral((4, 3), name="v")(x)
+      return nn.DenseGeneral(2, axis=(-2, -1), name="o")(jnp.tanh(h))
+
+  hv = jax.tree_util.tree_map(np.array, Heads().init(jax.random.key(0), x))
+  hv["params"]["v"]["kernel"][:, 3] = hv["params"]["v"]["kernel"][:, 0]
+  hv["params"]["v"]["bias"][3] = hv["params"]["v"]["bias"][0]
+  hspec = ifjax.Spec([ifjax.Group("heads", [("params/v/kernel", 1), ("params/v/bias", 0)],
+                                  [("params/o/kernel", 0)])])
+  hstats = consumer_statistics(Heads().apply, hv, hspec, [x], gram=True)
+  hpl = ifjax.plan(hv, hspec, 0.25, method="default", importance={"heads": np.array([3., 2, 1, 0])})
+  refit = ifjax.calibration.refit_consumers(ifjax.apply_plan(hv, hspec, hpl), hv, hspec, hpl, hstats, ridge=0.0)
+  small_apply = ifjax.resize(Heads().apply, hv, refit, x)
+  np.testing.assert_allclose(small_apply(refit, x), Heads().apply(hv, x), rtol=1e-3, atol=1e-4)
