@@ -217,13 +217,15 @@ def summarize(out: pathlib.Path, model: str) -> None:
   if not rows:
     return
   meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-  lines = [f"# {model}: MLP neurons and attention heads, pruned and fused", "",
-           f"Command: `{meta.get('command', '')}`", ""]
+  commands = meta.get("commands", [meta["command"]] if "command" in meta else [])
+  lines = [f"# {model}: MLP neurons and attention heads, pruned and fused", "", "Commands (the cells of each):", "",
+           *[f"    {c}" for c in commands], ""]
   if meta.get("dense"):
     lines += [f"Dense model: {meta['dense']}", ""]
   metric = rows[0]["metric"]
   lines += [f"Metric: {metric} relative to the dense model ({'lower' if metric == 'perplexity' else 'higher'} is "
-            "better); `act` / `act_if` use calibration text, the other columns none.", ""]
+            f"better). `act`, `act_if` and `act_ls` use calibration {meta.get('calibration_source', 'text')}; the "
+            "other columns no data.", ""]
   targets = sorted({r["target"] for r in rows}, key=["mlp", "heads", "both"].index)
   sparsities = sorted({float(r["sparsity"]) for r in rows})
   cells = []
@@ -291,9 +293,12 @@ def main(argv=None):
         f"groups; dense {text.score(text.dense)[:2]}", flush=True)
   dense_desc = (f"perplexity {np.exp(text.dense):.3f} on {text.eval.shape[0]} windows of {text.eval.shape[1]} "
                 "tokens" if text.is_lm else f"{len(text.eval[0])} evaluation sentences")
-  (args.out / "meta.json").write_text(json.dumps({"command": "python " + " ".join(map(shlex.quote, sys.argv)),
-                                                  "dense": dense_desc, "load_s": round(load_s, 1),
-                                                  "calibration_source": args.calibration_source}, indent=1))
+  meta_path = args.out / "meta.json"
+  commands = json.loads(meta_path.read_text()).get("commands", []) if meta_path.exists() else []
+  command = "python " + " ".join(map(shlex.quote, sys.argv))
+  meta_path.write_text(json.dumps({"commands": commands + [command] * (command not in commands),
+                                   "dense": dense_desc, "load_s": round(load_s, 1),
+                                   "calibration_source": args.calibration_source}, indent=1))
   done = {(r["target"], float(r["sparsity"]), r["method"]) for r in _report.read_csv(args.out / "results.csv")}
   stats = None
   with _report.CsvAppender(args.out / "results.csv", FIELDS) as sink:
