@@ -247,6 +247,22 @@ def test_weight_standardised_output_channels_stay_exact():
   ifjax.check_spec(module.apply, variables, spec, x)
 
 
+def test_weight_normalised_dense():
+  class WeightNorm(nn.Module):  # w / ||w|| over the inputs (weight norm): the hidden neurons read are pruning-only
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(6, name="a")(x))
+      w = self.param("b", nn.initializers.normal(1.0), (6, 4))
+      h = nn.relu(h @ (w / jnp.sqrt(jnp.sum(w * w, axis=0, keepdims=True))))
+      return nn.Dense(2, name="head")(h)
+
+  module, x = WeightNorm(), jax.random.normal(jax.random.key(2), (3, 5))
+  variables, spec = _traced(module, x)
+  assert {g.name: g.exact for g in spec.groups} == {"a": False, "b": True}
+  assert [(m.path, m.axis) for m in spec["a"].consumers] == [("params/b", 0)]
+  ifjax.check_spec(module.apply, variables, spec, x)
+
+
 @pytest.mark.parametrize("tuple_out", [False, True])
 def test_check_spec_checks_every_output_leaf(tuple_out):
   module, x = TwoOutputs(tuple_out), jax.random.normal(jax.random.key(2), (3, 5))

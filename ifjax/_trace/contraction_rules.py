@@ -126,6 +126,10 @@ class _ContractionRules:
                                     else "subheads" + (str(k) if k > 1 else ""))
         self.classes[cls].producers.append((self.eqn_counter, Member(path, axes[i], 0)))
         out.labels[pos[(pside, i)]] = ((0, pshape[i], cls, 0),)
+    if prm.reduced:  # a standardised / weight-normalised kernel
+      by_axis = {axes[p_ax]: act.labels.get(a_ax, ()) for a_ax, p_ax in zip(ac, pc)}
+      by_axis.update({axes[i]: out.labels.get(pos[(pside, i)], ()) for i in p_free if i in axes})
+      self.standardised(prm, path, by_axis)
     return [out]
 
   def activation_product(self, eqn, ins, shapes) -> _Value:
