@@ -137,6 +137,17 @@ def trained(args, out: pathlib.Path, train_set, test_set, seed: int, variant: st
   return [m[0] for m in models], [m[1] for m in models], whole[0], whole[1], [len(s[1]) for s in sets]
 
 
+def claim(out: pathlib.Path, key: str) -> bool:
+  """True for the first process to ask for ``key`` (several processes may share one OUT; a killed run's claims
+  are removed with ``rm OUT/claims/*`` before resuming)."""
+  (out / "claims").mkdir(exist_ok=True)
+  try:
+    (out / "claims" / key).open("x").close()
+    return True
+  except FileExistsError:
+    return False
+
+
 def _curve(history) -> list[float]:
   return [round(100 * e["eval_accuracy"], 2) for e in history]
 
@@ -161,7 +172,7 @@ def run(args):
     for s in args.sparsities:
       for name in args.pipelines:
         variant = "iid" if name == "whole data" else args.variant  # one baseline per seed and sparsity
-        if (variant, seed, s, name) in done:
+        if (variant, seed, s, name) in done or not claim(out, f"{variant}_s{seed}_{s}_{name.replace(' ', '_')}"):
           continue
         t0 = time.perf_counter()
         if name == "PaF":
@@ -264,6 +275,8 @@ def summarize(args):
                                    "wall s (shared CPU)"], body)
   _report.write_csv(out / "results.csv", ["variant", "sparsity", "pipeline", "accuracy", "seeds", "gap_to_whole",
                                           "fused_accuracy"], csv_rows)
+  if (out / "notes.md").exists():  # the hand-written reading of the numbers
+    lines += ["", (out / "notes.md").read_text().rstrip()]
   (out / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
