@@ -35,7 +35,14 @@ if TYPE_CHECKING:  # what the names below are, for type checkers and IDEs; at ru
   from ifjax._sensitivity import SensitivityCurves, measure_sensitivity
   from ifjax._spec import BatchNormPair, FlatMember, Group, Member, Spec, match_groups, widths
   from ifjax._synthetic import SyntheticInputs, bn_statistics_gap, synthesize_inputs
-  from ifjax._trace import SpecCheckError, UnsupportedPrimitiveError, check_spec, nnx_apply, trace_spec
+  from ifjax._trace import (
+    PaddedChannelsWarning,
+    SpecCheckError,
+    UnsupportedPrimitiveError,
+    check_spec,
+    nnx_apply,
+    trace_spec,
+  )
   from ifjax._trace.resize import ResizeError, resize, resize_nnx
   from ifjax._transport import Transport, kmeans, pairwise_distance, solve_exact, solve_sinkhorn
 
@@ -93,6 +100,7 @@ _EXPORTS = {
     "synthesize_inputs": "ifjax._synthetic",
     "SpecCheckError": "ifjax._trace",
     "UnsupportedPrimitiveError": "ifjax._trace",
+    "PaddedChannelsWarning": "ifjax._trace",
     "check_spec": "ifjax._trace",
     "nnx_apply": "ifjax._trace",
     "trace_spec": "ifjax._trace",
@@ -140,6 +148,7 @@ __all__ = [
     "GroupPlan",
     "IfjaxError",
     "Member",
+    "PaddedChannelsWarning",
     "Plan",
     "ResizeError",
     "SaveFormatError",
