@@ -45,18 +45,21 @@ from ifjax._spec import flatten
 import _report
 
 METHODS = ("default", "if_paper", "if_bary", "act", "act_if", "act_ls")
+TARGETS = ("mlp", "heads", "both", "head_dims", "mlp+head_dims")
 DATA_FREE = ("default", "if_paper", "if_bary")
 FIELDS = ("target", "sparsity", "method", "metric", "value", "relative", "knn", "neurons_removed", "plan_s",
           "eval_s", "calibration")
 
 
 def target_groups(spec: ifjax.Spec) -> dict[str, list[str]]:
-  """``{"mlp": [...], "heads": [...]}``: the spec's MLP-neuron groups (exact groups not inside attention) and
-  its attention-head groups (``:heads``)."""
+  """``{"mlp": [...], "heads": [...], ...}``: the spec's MLP-neuron groups (exact groups not inside attention),
+  its attention-head groups (``:heads``: under grouped-query attention a KV head with its query heads), both,
+  the value dims inside every head (``:head_dim`` groups that are exact) and MLP + value dims."""
   heads = [g.name for g in spec.groups if g.name.endswith(":heads")]
+  dims = [g.name for g in spec.groups if g.name.endswith(":head_dim") and g.exact]
   mlp = [g.name for g in spec.groups if g.exact and ":" not in g.name and "attn" not in g.name
          and "attention" not in g.name]
-  return {"mlp": mlp, "heads": heads, "both": mlp + heads}
+  return {"mlp": mlp, "heads": heads, "both": mlp + heads, "head_dims": dims, "mlp+head_dims": mlp + dims}
 
 
 class Text:
@@ -226,7 +229,7 @@ def summarize(out: pathlib.Path, model: str) -> None:
   lines += [f"Metric: {metric} relative to the dense model ({'lower' if metric == 'perplexity' else 'higher'} is "
             f"better). `act`, `act_if` and `act_ls` use calibration {meta.get('calibration_source', 'text')}; the "
             "other columns no data.", ""]
-  targets = sorted({r["target"] for r in rows}, key=["mlp", "heads", "both"].index)
+  targets = sorted({r["target"] for r in rows}, key=list(TARGETS).index)
   sparsities = sorted({float(r["sparsity"]) for r in rows})
   cells = []
   for target in targets:
@@ -264,7 +267,7 @@ def summarize(out: pathlib.Path, model: str) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="minilm-l6", choices=["minilm-l6", "smollm2-135m"])
-  parser.add_argument("--targets", nargs="+", default=["mlp", "heads", "both"])
+  parser.add_argument("--targets", nargs="+", default=["mlp", "heads", "both"], choices=TARGETS)
   parser.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.25, 0.5])
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   parser.add_argument("--calibration", type=int, default=128, help="calibration sequences / sentences")
