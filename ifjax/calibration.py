@@ -124,11 +124,14 @@ def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec
     samples: positions sampled per consumer for :meth:`Statistics.features` (uniformly, without replacement,
       from the first batch's positions).
     seed: the sampling seed.
-    gram: also record each consumer's (F, F) second-moment matrix (for :func:`least_squares_merge`).
-    **apply_kwargs: passed to ``apply_fn``.
+    gram: also record each consumer's (F, F) second-moment matrix (for :func:`least_squares_merge` and
+      :func:`refit_consumers`).
+    **apply_kwargs: passed to ``apply_fn`` (static: ``train=False``).
 
   Returns:
     :class:`Statistics` by consumer kernel path.
+
+  Each batch runs one compiled program (one per batch shape) that returns the sums, not the activations.
   """
   flat = flatten(variables)
   wanted = {}
@@ -139,50 +142,64 @@ def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec
         wanted[tuple(m.path[len("params/"):-len("/kernel")].split("/"))] = m.path
   if not wanted:
     raise CalibrationError("the spec has no consumer kernels 'params/<layer>/kernel' whose inputs could be read")
-  sums: dict[str, list[Any]] = {}
-  rng = np.random.default_rng(seed)
   batches = list(batches)
   if not batches:
     raise CalibrationError("batches is empty: activation-aware pruning needs at least one calibration batch")
+  rng = np.random.default_rng(seed)
+  axes_of: dict[str, tuple[int, ...]] = {}  # filled while tracing (static)
+  picks: dict[str, np.ndarray] = {}  # the first batch's sampled positions, chosen while tracing it
 
-  for batch in batches:
-    args = batch if isinstance(batch, tuple) else (batch,)
-    seen: dict[str, tuple[tuple[int, ...], jax.Array]] = {}
+  def moments(variables, *args, first: bool):
+    seen: dict[str, jax.Array] = {}
 
-    def record(next_fun, call_args, call_kwargs, context, seen=seen):
+    def record(next_fun, call_args, call_kwargs, context):
       module = context.module
       if context.method_name == "__call__" and tuple(module.path) in wanted:
         path = wanted[tuple(module.path)]
-        axes = _contracted(module, np.ndim(flat[path]))
-        seen[path] = (axes, call_args[0])
+        axes_of[path] = _contracted(module, np.ndim(flat[path]))
+        seen[path] = call_args[0]
       return next_fun(*call_args, **call_kwargs)
 
     with nn.intercept_methods(record):
       apply_fn(variables, *args, **apply_kwargs)
-    missing = sorted(p for p in wanted.values() if p not in seen)
+    out = {}
+    for path, x in seen.items():
+      k = len(axes_of[path])
+      x = jnp.asarray(x, jnp.float32)
+      x = x.reshape(-1, *x.shape[x.ndim - k:])  # (positions, contracted shape)
+      entry = {"sum": x.sum(0), "square": jnp.square(x).sum(0), "count": x.shape[0]}
+      if gram:
+        fx = x.reshape(x.shape[0], -1)
+        entry["gram"] = jnp.matmul(fx.T, fx, precision=jax.lax.Precision.HIGHEST)
+      if first:
+        if path not in picks:
+          picks[path] = np.sort(rng.choice(x.shape[0], size=min(samples, x.shape[0]), replace=False))
+        entry["samples"] = jnp.moveaxis(x[picks[path]], 0, -1)
+      out[path] = {key: v for key, v in entry.items() if key != "count"}
+      out[path]["count"] = jnp.asarray(x.shape[0])
+    return out
+
+  compiled = {first: jax.jit(lambda v, *a, first=first: moments(v, *a, first=first)) for first in (True, False)}
+  totals: dict[str, dict[str, Any]] = {}
+  for i, batch in enumerate(batches):
+    args = batch if isinstance(batch, tuple) else (batch,)
+    got = compiled[i == 0](variables, *args)
+    missing = sorted(p for p in wanted.values() if p not in got)
     if missing:
       raise CalibrationError(f"no call of the consumer layers {missing} was seen: is apply_fn a flax.linen "
                              "module's apply, and are these layers called on this input?")
-    for path, (axes, x) in seen.items():
-      k = len(axes)
-      x = np.asarray(x, np.float32)
-      x = x.reshape(-1, *x.shape[x.ndim - k:])  # (positions, contracted shape)
-      if path not in sums:
-        take = rng.choice(x.shape[0], size=min(samples, x.shape[0]), replace=False)
-        features = int(np.prod(x.shape[1:]))
-        sums[path] = [axes, np.zeros(x.shape[1:], np.float64), np.zeros(x.shape[1:], np.float64),
-                      np.moveaxis(x[np.sort(take)], 0, -1), 0,
-                      np.zeros((features, features), np.float64) if gram else None]
-      entry = sums[path]
-      entry[1] += x.sum(0, dtype=np.float64)
-      entry[2] += np.square(x, dtype=np.float64).sum(0)
-      entry[4] += x.shape[0]
-      if gram:
-        flat_x = x.reshape(x.shape[0], -1)
-        entry[5] += (flat_x.T @ flat_x).astype(np.float64)
-  return Statistics({p: ConsumerStatistics(a, (s1 / c).astype(np.float32), (s2 / c).astype(np.float32), smp, c,
-                                           None if g is None else g / c)
-                     for p, (a, s1, s2, smp, c, g) in sums.items()}, spec)
+    for path, entry in got.items():
+      acc = totals.setdefault(path, {"samples": np.asarray(entry.get("samples"))})
+      for key in ("sum", "square", "gram", "count"):
+        if key in entry:
+          acc[key] = acc.get(key, 0) + np.asarray(entry[key], np.float64)
+  out = {}
+  for path, acc in totals.items():
+    c = float(acc["count"])
+    out[path] = ConsumerStatistics(axes_of[path], (acc["sum"] / c).astype(np.float32),
+                                   (acc["square"] / c).astype(np.float32), acc["samples"].astype(np.float32),
+                                   int(c), acc["gram"] / c if gram else None)
+  return Statistics(out, spec)
 
 
 def _score(stats: Statistics, per_entry: Callable[[AnyArray, ConsumerStatistics, int], AnyArray]):
