@@ -45,7 +45,7 @@ from ifjax._spec import flatten
 import _report
 
 METHODS = ("default", "if_paper", "if_bary", "act", "act_if", "act_ls")
-TARGETS = ("mlp", "heads", "both", "head_dims", "mlp+head_dims")
+TARGETS = ("mlp", "heads", "both", "head_dims", "mlp+head_dims", "query_heads", "mlp+query_heads")
 DATA_FREE = ("default", "if_paper", "if_bary")
 FIELDS = ("target", "sparsity", "method", "metric", "value", "relative", "knn", "neurons_removed", "plan_s",
           "eval_s", "calibration")
@@ -54,12 +54,15 @@ FIELDS = ("target", "sparsity", "method", "metric", "value", "relative", "knn", 
 def target_groups(spec: ifjax.Spec) -> dict[str, list[str]]:
   """``{"mlp": [...], "heads": [...], ...}``: the spec's MLP-neuron groups (exact groups not inside attention),
   its attention-head groups (``:heads``: under grouped-query attention a KV head with its query heads), both,
-  the value dims inside every head (``:head_dim`` groups that are exact) and MLP + value dims."""
+  the value dims inside every head (``:head_dim`` groups that are exact) and MLP + value dims; under GQA, the
+  query heads within the KV groups (``:subheads``) and MLP + those."""
   heads = [g.name for g in spec.groups if g.name.endswith(":heads")]
   dims = [g.name for g in spec.groups if g.name.endswith(":head_dim") and g.exact]
+  queries = [g.name for g in spec.groups if g.name.endswith(":subheads")]
   mlp = [g.name for g in spec.groups if g.exact and ":" not in g.name and "attn" not in g.name
          and "attention" not in g.name]
-  return {"mlp": mlp, "heads": heads, "both": mlp + heads, "head_dims": dims, "mlp+head_dims": mlp + dims}
+  return {"mlp": mlp, "heads": heads, "both": mlp + heads, "head_dims": dims, "mlp+head_dims": mlp + dims,
+          "query_heads": queries, "mlp+query_heads": mlp + queries}
 
 
 class Text:
