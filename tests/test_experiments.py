@@ -140,3 +140,25 @@ def test_main_job_prints_the_readme_table(capsys):
   assert len(blocks) == 1, "README.md should show the main job's output once, in a plain ``` block"
   _script("digits").main([])
   assert capsys.readouterr().out == blocks[0]
+
+
+def test_llm_script_prunes_minilm_and_resumes(tmp_path):
+  """Two cells of experiments/llm.py on the real MiniLM: calibrated least squares beats plain magnitude pruning."""
+  for module in ("safetensors", "tokenizers"):
+    pytest.importorskip(module, reason="MiniLM needs the ifjax[llm] extra")
+  from ifjax.models._bert import minilm_files
+  try:
+    minilm_files()
+  except (FileNotFoundError, ImportError) as err:
+    pytest.skip(f"MiniLM not installed: {err}")
+  llm = _script("llm")
+  argv = ["--model", "minilm-l6", "--targets", "mlp", "--sparsities", "0.25", "--methods", "default", "act_ls",
+          "--calibration", "32", "--eval-sentences", "48", "--out", str(tmp_path)]
+  llm.main(argv)
+  rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+  cos = {r["method"]: float(r["value"]) for r in rows}
+  assert set(cos) == {"default", "act_ls"} and 0 < cos["default"] < cos["act_ls"] <= 1
+  assert "act_ls` beats `act` in 0 of 0" in (tmp_path / "results.md").read_text()
+  llm.main(argv)  # resumes: nothing appended
+  assert len(list(csv.DictReader(open(tmp_path / "results.csv")))) == 2
+  assert json.loads((tmp_path / "meta.json").read_text())["commands"]
