@@ -230,8 +230,10 @@ def summarize(out: pathlib.Path, model: str) -> None:
     lines += [f"Dense model: {meta['dense']}", ""]
   metric = rows[0]["metric"]
   lines += [f"Metric: {metric} relative to the dense model ({'lower' if metric == 'perplexity' else 'higher'} is "
-            f"better). `act`, `act_if` and `act_ls` use calibration {meta.get('calibration_source', 'text')}; the "
-            "other columns no data.", ""]
+            "better). `act`, `act_if` and `act_ls` use "
+            + ("calibration text" if meta.get("calibration_source", "text") == "text" else
+               f"{meta['calibration_source']} tokens as calibration (no text read: data-free)")
+            + "; the other columns no data.", ""]
   targets = sorted({r["target"] for r in rows}, key=list(TARGETS).index)
   sparsities = sorted({float(r["sparsity"]) for r in rows})
   cells = []
@@ -240,6 +242,8 @@ def summarize(out: pathlib.Path, model: str) -> None:
     table = []
     for s in sparsities:
       got = {r["method"]: r for r in rows if r["target"] == target and float(r["sparsity"]) == s}
+      if not got:
+        continue
       table.append([f"{s:.2f}"] + [got[m]["relative"] if m in got else "" for m in METHODS])
       cells.append({m: (-1 if metric == "perplexity" else 1) * float(got[m]["relative"]) for m in got})
     lines += _report.markdown_table(["sparsity", *METHODS], table) + [""]
