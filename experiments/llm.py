@@ -170,7 +170,7 @@ def _generated(module, variables, tok, count: int, length: int, seed: int = 0) -
   return seq
 
 
-def run_cell(text: Text, module, spec, variables, example, target, sparsity, method, stats):
+def run_cell(text: Text, module, spec, variables, example, target, sparsity, method, stats, solver="exact"):
   names = target_groups(spec)[target]
   ratio = {n: sparsity for n in names}
   t0 = time.perf_counter()
@@ -186,6 +186,8 @@ def run_cell(text: Text, module, spec, variables, example, target, sparsity, met
                 features=stats.features(variables))
   elif method == "act_ls":
     opts = dict(method="default", importance=calibration.wanda(stats))
+  if method in ("if_paper", "if_bary", "act_if"):
+    opts["solver"] = solver
   plan = ifjax.plan(variables, spec, ratio, **opts)
   small = ifjax.apply_plan(variables, spec, plan)
   small_apply = jax.jit(ifjax.resize(module.apply, variables, small, *example))
@@ -286,6 +288,8 @@ def main(argv=None):
                       help="text: the calibration split; random: random tokens; generated (LM): sampled from the "
                       "dense model. random and generated read no text: data-free")
   parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--solver", default="exact", choices=["exact", "sinkhorn"], help="the OT solver of the IF "
+                      "methods (sinkhorn: OTT-JAX, epsilon 1e-3 of the largest cost)")
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--summarize", action="store_true")
   args = parser.parse_args(argv)
@@ -322,7 +326,7 @@ def main(argv=None):
             stats = calibration.consumer_statistics(module.apply, variables, _sub_spec(spec, groups["both"]),
                                                     text.batches("calib"), gram=True)
             print(f"calibration statistics: {time.perf_counter() - t1:.1f} s", flush=True)
-          row = run_cell(text, module, spec, variables, example, target, s, method, stats)
+          row = run_cell(text, module, spec, variables, example, target, s, method, stats, args.solver)
           print(row, flush=True)
           sink.add(row)
   summarize(args.out, args.model)
