@@ -85,19 +85,19 @@ def save_vars(path: pathlib.Path, variables, history):
   from flax import traverse_util
 
   flat = traverse_util.flatten_dict(variables, sep="/")
-  np.savez(path.with_suffix(".npz"), **{k: np.asarray(v) for k, v in flat.items()})
-  path.with_suffix(".json").write_text(json.dumps(history))
+  np.savez(f"{path}.npz", **{k: np.asarray(v) for k, v in flat.items()})  # not with_suffix: "skew0.8_s0" has a dot
+  pathlib.Path(f"{path}.json").write_text(json.dumps(history))
 
 
 def load_vars(path: pathlib.Path):
   import numpy as np
   from flax import traverse_util
 
-  if not path.with_suffix(".npz").exists():
+  if not pathlib.Path(f"{path}.npz").exists():
     return None
-  with np.load(path.with_suffix(".npz")) as f:
+  with np.load(f"{path}.npz") as f:
     flat = {k: f[k] for k in f.files}
-  return traverse_util.unflatten_dict(flat, sep="/"), json.loads(path.with_suffix(".json").read_text())
+  return traverse_util.unflatten_dict(flat, sep="/"), json.loads(pathlib.Path(f"{path}.json").read_text())
 
 
 def trained(args, out: pathlib.Path, train_set, test_set, seed: int, variant: str):
@@ -232,9 +232,9 @@ def summarize(args):
   curves = {}
   for path in sorted(mdir.glob("*.json")):
     c = [round(100 * e["eval_accuracy"], 2) for e in json.loads(path.read_text())]
-    curves[path.stem] = c
+    curves[path.name[:-5]] = c
     ok, gain = converged(c)
-    body.append([path.stem, f"{c[-1]:.2f}", f"{gain:+.2f}", "yes" if ok else "**no**"])
+    body.append([path.name[:-5], f"{c[-1]:.2f}", f"{gain:+.2f}", "yes" if ok else "**no**"])
   lines += _report.markdown_table(["model", "final test accuracy", "last-20% gain", "converged"], body) + [""]
   fig, axes = _report.pyplot().subplots(1, 2, figsize=(10, 3.5))
   for name, c in curves.items():

@@ -4,12 +4,14 @@ r"""Split-Data wall-clock speed-up, measured on this CPU (issue 23 item 2): one 
 
 LeNet5 on the MNIST training images of ``split_data_grid.py`` (seed 0, sparsity ``--sparsity``), with its
 schedule. Every phase runs in fresh processes (:func:`ifjax.split_data.run_pinned`) pinned with
-``os.sched_setaffinity``, XLA single-threaded per core, one XLA:CPU device per core; a process on two cores
-trains data-parallel on a 2-device mesh. Times are from the clock inside each process around the work (JIT
-compilation included, interpreter start-up and imports excluded); a parallel phase counts its slowest process.
+``os.sched_setaffinity``; a process on one core runs XLA single-threaded, a process on two cores uses both
+through XLA's intra-op threads (or, ``--device-per-core``, a 2-device mesh of single-threaded devices). Times are
+from the clock inside each process around the work (JIT compilation included, interpreter start-up and imports
+excluded); a parallel phase counts its slowest process.
 
 * whole data, 1 core: train, then prune (steps x prune epochs) and fine-tune 2F, all on core 0;
-* whole data, 2 cores: the same, data-parallel on cores 0 and 1;
+* whole data, 2 cores: the same on cores 0 and 1 (one XLA device using both cores; ``--device-per-core``: a
+  2-device data-parallel mesh, whose all-reduce timed out under load here);
 * PaF: the two half-data models train at once, one per core; each is pruned and fine-tuned F on the whole
   data at once, one per core; fusion and F fine-tuning on both cores;
 * FaP: the same training; fusion, F fine-tuning, pruning and F fine-tuning on both cores.
@@ -40,6 +42,9 @@ def parse(argv=None):
   ap.add_argument("--finetune-epochs", type=int, default=1)
   ap.add_argument("--sparsity", type=float, default=0.5)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--device-per-core", action="store_true", help="a process on 2 cores trains data-parallel on a "
+                  "2-device mesh (default: one device using both cores through XLA's intra-op threads)")
+  ap.add_argument("--report-only", action="store_true", help="rewrite results.md / times.png from OUT/timing.json")
   ap.add_argument("--out", required=True)
   return ap.parse_args(argv)
 
@@ -104,6 +109,12 @@ def job_fap(models, sparsity, data, steps, prune_epochs, finetune_epochs, seed):
 
 def main(argv=None):
   args = parse(argv)
+  if args.report_only:
+    saved = json.loads((pathlib.Path(args.out) / "timing.json").read_text())
+    for k, v in saved["args"].items():
+      setattr(args, k, v) if k not in ("report_only", "out") else None
+    report(pathlib.Path(args.out), saved["log"], saved["accuracy"], args)
+    return
   import jax
   import jax.numpy as jnp
 
@@ -125,7 +136,7 @@ def main(argv=None):
   both = [tuple(c for cs in cores for c in cs)]
 
   def phase(pipeline, name, fn, jobs, core):
-    res = split_data.run_pinned(fn, jobs, cores=core)
+    res = split_data.run_pinned(fn, jobs, cores=core, device_per_core=args.device_per_core)
     secs = [o[-1] if isinstance(o[-1], float) else sum(o[-1].values()) for o in res.outputs]
     log.append(dict(pipeline=pipeline, phase=name, seconds=round(max(secs), 2), per_process=[round(x, 2) for x in secs],
                     wall=round(res.wall, 2), cores=[list(c) for c in res.cores],
@@ -170,11 +181,14 @@ def report(out: pathlib.Path, log, acc, args):
     return sum(r["seconds"] for r in log if r["pipeline"] == key and r["phase"] == "train")
 
   lines = ["# Split-Data speed-up measured on this CPU (LeNet5, MNIST)", "", "```",
-           "python experiments/" + pathlib.Path(sys.argv[0]).name + " " + " ".join(sys.argv[1:]), "```", "",
+           "python experiments/" + pathlib.Path(sys.argv[0]).name + " " + " ".join(
+               a for a in sys.argv[1:] if a != "--report-only"), "```", "",
            f"{args.train_epochs} training epochs ({10 * args.per_class} images; split models {5 * args.per_class} "
            f"each), sparsity {args.sparsity}, "
            f"{args.steps} x {args.prune_epochs} pruning epochs, F = {args.finetune_epochs}. Each phase in fresh "
-           "processes pinned to cores (os.sched_setaffinity), XLA single-threaded per core; seconds from the clock "
+           "processes pinned to cores (os.sched_setaffinity); one core: XLA single-threaded; two cores: "
+           f"{'a 2-device mesh' if args.device_per_core else 'one XLA device using both (intra-op threads)'}; "
+           "seconds from the clock "
            "in the process around the work (compilation included, start-up excluded); a parallel phase counts its "
            "slowest process. Load average (1 min) before / after each phase: other engineers' jobs share these "
            "two cores, so every number carries that noise.", ""]

@@ -94,13 +94,17 @@ def _child(conn, cores: tuple[int, ...], fn: Callable, args: tuple, kwargs: dict
 
 def run_pinned(fn: Callable, jobs: Sequence[tuple[tuple, Mapping[str, Any]]], *,
                cores: Sequence[int] | Sequence[Sequence[int]] | None = None, per_job: int = 1,
-               extra_flags: str = "", timeout: float | None = None) -> PinnedResult:
+               extra_flags: str = "", timeout: float | None = None, device_per_core: bool = True) -> PinnedResult:
   """Runs ``fn(*args, **kwargs)`` for every ``(args, kwargs)`` in ``jobs``, each in its own process pinned to its
   own cores (see :func:`core_sets`), all at once; returns their outputs and times (:class:`PinnedResult`).
 
   ``fn`` and its arguments must pickle (a top-level function; a zoo model name or a module class instance, not a
   lambda). Each process first imports and pins, then all start ``fn`` together, so ``seconds`` time the work
   alone. ``PinnedError`` carries a failed job's traceback.
+
+  ``device_per_core=False``: a job on several cores gets one XLA:CPU device that uses them all (XLA's
+  multi-threaded intra-op parallelism) instead of one single-threaded device per core. Under heavy load the
+  device-per-core mesh's all-reduce rendezvous has been seen to time out (XLA aborts the process after 40 s).
   """
   sets = core_sets(len(jobs), cores, per_job)
   ctx = multiprocessing.get_context("spawn")
@@ -109,8 +113,10 @@ def run_pinned(fn: Callable, jobs: Sequence[tuple[tuple, Mapping[str, Any]]], *,
   saved = os.environ.get("XLA_FLAGS")
   try:
     for (args, kwargs), s in zip(jobs, sets):
-      os.environ["XLA_FLAGS"] = " ".join(f for f in (saved or "", THREAD_FLAGS, extra_flags,
-                                                     f"--xla_force_host_platform_device_count={len(s)}") if f)
+      per_core = device_per_core or len(s) == 1
+      count = f"--xla_force_host_platform_device_count={len(s) if per_core else 1}"
+      os.environ["XLA_FLAGS"] = " ".join(f for f in (saved or "", THREAD_FLAGS if per_core else "", extra_flags, count)
+                                         if f)
       parent, child = ctx.Pipe()
       p = ctx.Process(target=_child, args=(child, s, fn, tuple(args), dict(kwargs)), daemon=True)
       p.start()
