@@ -151,8 +151,11 @@ def test_allocate_flops_of_a_traced_model_without_rebuild(traced):
 
 # -- 3. errors ------------------------------------------------------------------------------------------------
 def _ifjax_exception_classes():
+  import ifjax.calibration
   import ifjax.cli  # (CliError)
-  import ifjax.data  # noqa: F401
+  import ifjax.data
+  import ifjax.split_data
+  import ifjax.train  # noqa: F401  (every module with exceptions, whatever ran before)
   seen, out = set(), []
   modules = [m for name, m in __import__("sys").modules.items() if name == "ifjax" or name.startswith("ifjax.")]
   for m in modules:
