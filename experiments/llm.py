@@ -82,10 +82,8 @@ class Text:
       self.eval = windows("evaluation", args.eval_seqs, args.length)
       if args.calibration_source == "text":
         self.calib = windows("calibration", args.calibration, args.calib_length)
-      elif args.calibration_source == "random":
+      else:  # random tokens: no text read
         self.calib = _random_tokens(tok, (args.calibration, args.calib_length))
-      else:  # the dense model's own greedy-sampled continuations of single random tokens: no text read
-        self.calib = _generated(module, variables, tok, args.calibration, args.calib_length)
       self.batch = args.batch
     else:
       def encoded(split, count):
@@ -152,22 +150,6 @@ def _random_tokens(tok, shape, seed: int = 0) -> np.ndarray:
   ids = np.array(sorted(i for t, i in vocab.items() if not (t.startswith("[") and t.endswith("]"))
                         and not (t.startswith("<") and t.endswith(">"))), np.int32)
   return np.random.default_rng(seed).choice(ids, shape).astype(np.int32)
-
-
-def _generated(module, variables, tok, count: int, length: int, seed: int = 0) -> np.ndarray:
-  """``count`` sequences of ``length`` tokens sampled (temperature 1) from the dense LM, each from one random
-  token: calibration text that no file holds."""
-  apply = jax.jit(module.apply)
-  ids = _random_tokens(tok, (count, 1), seed)
-  key = jax.random.key(seed)
-  seq = np.zeros((count, length), np.int32)
-  seq[:, 0] = ids[:, 0]
-  for t in range(1, length):  # no cache: the whole prefix each step, padded to a few lengths to bound compiles
-    width = min(length, 32 * ((t + 31) // 32))
-    logits = apply(variables, jnp.asarray(seq[:, :width]))[:, t - 1]
-    key, sub = jax.random.split(key)
-    seq[:, t] = np.asarray(jax.random.categorical(sub, logits.astype(jnp.float32)))
-  return seq
 
 
 def run_cell(text: Text, module, spec, variables, example, target, sparsity, method, stats, solver="exact"):
@@ -284,9 +266,8 @@ def main(argv=None):
   parser.add_argument("--eval-sentences", type=int, default=256)
   parser.add_argument("--length", type=int, default=256, help="LM window length (tokens)")
   parser.add_argument("--calib-length", type=int, default=128)
-  parser.add_argument("--calibration-source", default="text", choices=["text", "random", "generated"],
-                      help="text: the calibration split; random: random tokens; generated (LM): sampled from the "
-                      "dense model. random and generated read no text: data-free")
+  parser.add_argument("--calibration-source", default="text", choices=["text", "random"],
+                      help="text: the calibration split; random: random tokens (no text read: data-free)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--solver", default="exact", choices=["exact", "sinkhorn"], help="the OT solver of the IF "
                       "methods (sinkhorn: OTT-JAX, epsilon 1e-3 of the largest cost)")
