@@ -607,14 +607,19 @@ def apply_plan(variables: Variables, spec: Spec, plan: Mapping[str, GroupPlan], 
 def _apply_folded(flat: Mapping[str, Any], spec: Spec, plan: Mapping[str, GroupPlan], keep_shapes: bool,
                   traced: bool) -> dict:
   """:func:`apply_plan` on BN-folded flat variables and a plan already checked against them."""
+  out = unflatten(edit_members(flat, spec, plan, _apply_roles(spec, flat), keep_shapes))
+  return out if traced else to_jax(out)
+
+
+def _apply_roles(spec: Spec, flat: Mapping[str, Any]):
+  """``roles(group)`` for :func:`edit_members`: producers, consumers and the group's folded BN arrays."""
 
   def roles(g: Group):
     out = [(m, "producer") for m in g.producers] + [(m, "consumer") for m in g.consumers]
     out += [(m, "producer" if role == "shift" else "identity") for m, role in derived_bn(spec, g) if m.path in flat]
     return _with_shift_member(out, flat)
 
-  out = unflatten(edit_members(flat, spec, plan, roles, keep_shapes))
-  return out if traced else to_jax(out)
+  return roles
 
 
 def _with_shift_member(roles: list[tuple[Member | FlatMember, str]],
@@ -801,9 +806,48 @@ def intra_fuse(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupS
     Array([[2., 0.],
            [0., 2.]], dtype=float32)
   """
-  pl, flat = _plan(variables, spec, ratio, groups=groups, importance=importance, solver=solver, target=target,
-                   source_mass=source_mass, target_mass=target_mass, normalization=normalization, p=p, **options)
+  kwargs = dict(importance=importance, solver=solver, target=target, source_mass=source_mass,
+                target_mass=target_mass, normalization=normalization, p=p, **options)
+  if not is_traced(variables) and _map_bytes(variables, spec, ratio, groups) > _STREAM_BYTES:
+    return _intra_fuse_by_group(variables, spec, ratio, groups, kwargs)
+  pl, flat = _plan(variables, spec, ratio, groups=groups, **kwargs)
   return _apply_folded(flat, spec, pl, False, is_traced(variables))
+
+
+# dense (n, m) maps of all groups together above which intra_fuse plans and applies one group at a time (an
+# LLM's MLP groups: 16 x 8192 x 6144 x 3 maps would be 9.7 GB); the small pinned models never get here
+_STREAM_BYTES = 2**30
+
+
+def _map_bytes(variables: Variables, spec: Spec, ratio: Ratio, groups: GroupSelection) -> int:
+  """Bytes of the transport and the two maps a plan holds, float32, over the selected groups."""
+  try:
+    flat, pairs = flatten(variables), _ratios(spec, _scalar_ratios(ratio), groups)
+    sizes = {g.name: _importance.group_size(flat, g) for g, _ in pairs}
+    axes = [(m.path, m.axis % np.ndim(flat[m.path])) for g, _ in pairs for m in g.members]
+  except (ValueError, KeyError, TypeError, IndexError):
+    return 0  # bad input: the regular path raises the precise error
+  if len(axes) != len(set(axes)):
+    return 0  # segments of one axis (a concat): their offsets hold only when all are cut together
+  return sum(12 * sizes[g.name] * kept_count(sizes[g.name], float(r)) for g, r in pairs)
+
+
+def _intra_fuse_by_group(variables: Variables, spec: Spec, ratio: Ratio, groups: GroupSelection,
+                         kwargs: Mapping[str, Any]) -> dict:
+  """:func:`intra_fuse` for groups whose maps would not fit together: each group is planned on the original
+  variables (as one plan of all of them would be) and applied to the running result, then its maps are
+  dropped. Edits of different groups touch different axes, so the result is the one-plan result (to
+  rounding)."""
+  pairs = _ratios(spec, _scalar_ratios(ratio), groups)
+  out = None
+  for g, r in pairs:
+    pl, flat = _plan(variables, spec, {g.name: r}, **kwargs)
+    out = dict(flat) if out is None else out
+    out = dict(edit_members(out, spec, pl, _apply_roles(spec, out), False))
+    pl = flat = None
+  if out is None:
+    return to_jax(unflatten(folded_flat(on_host(variables), spec)))
+  return to_jax(unflatten(out))
 
 
 def prune(variables: Variables, spec: Spec, ratio: Ratio, *, groups: GroupSelection = None,

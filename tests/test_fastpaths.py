@@ -186,3 +186,23 @@ def test_sparse_maps_of_large_groups_apply_as_the_dense_product(monkeypatch):
   for layer in ("a", "b"):
     np.testing.assert_allclose(sparse["params"][layer]["kernel"], dense["params"][layer]["kernel"], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_intra_fuse_of_groups_too_large_to_plan_together_equals_one_plan(monkeypatch):
+  """Above _STREAM_BYTES intra_fuse plans and applies one group at a time; the result is the one-plan result."""
+  rng = np.random.default_rng(0)
+  w = {"params": {"a": {"kernel": rng.standard_normal((5, 12)).astype(np.float32)},
+                  "b": {"kernel": rng.standard_normal((12, 10)).astype(np.float32)},
+                  "c": {"kernel": rng.standard_normal((10, 3)).astype(np.float32)}}}
+  spec = ifjax.Spec([ifjax.Group("a", [("params/a/kernel", 1)], [("params/b/kernel", 0)]),
+                     ifjax.Group("b", [("params/b/kernel", 1)], [("params/c/kernel", 0)])])
+  together = ifjax.intra_fuse(w, spec, 0.4)
+  calls = []
+  real = _fuse._plan
+  monkeypatch.setattr(_fuse, "_STREAM_BYTES", 0)
+  monkeypatch.setattr(_fuse, "_plan", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+  apart = ifjax.intra_fuse(w, spec, 0.4)
+  assert calls == [{"a": 0.4}, {"b": 0.4}]
+  for layer in ("a", "b", "c"):
+    np.testing.assert_allclose(apart["params"][layer]["kernel"], together["params"][layer]["kernel"], rtol=1e-5,
+                               atol=1e-6)
