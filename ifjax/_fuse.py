@@ -821,11 +821,13 @@ _STREAM_BYTES = 2**30
 
 def _map_bytes(variables: Variables, spec: Spec, ratio: Ratio, groups: GroupSelection) -> int:
   """Bytes of the transport and the two maps a plan holds, float32, over the selected groups."""
+  if not isinstance(variables, Mapping) or not isinstance(spec, Spec):
+    return 0  # bad input: the regular path raises the precise error
   try:
     flat, pairs = flatten(variables), _ratios(spec, _scalar_ratios(ratio), groups)
     sizes = {g.name: _importance.group_size(flat, g) for g, _ in pairs}
     axes = [(m.path, m.axis % np.ndim(flat[m.path])) for g, _ in pairs for m in g.members]
-  except (ValueError, KeyError, TypeError, IndexError):
+  except (ValueError, KeyError, TypeError, IndexError, AttributeError):
     return 0  # bad input: the regular path raises the precise error
   if len(axes) != len(set(axes)):
     return 0  # segments of one axis (a concat): their offsets hold only when all are cut together
