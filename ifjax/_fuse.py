@@ -840,15 +840,13 @@ def _intra_fuse_by_group(variables: Variables, spec: Spec, ratio: Ratio, groups:
   variables (as one plan of all of them would be) and applied to the running result, then its maps are
   dropped. Edits of different groups touch different axes, so the result is the one-plan result (to
   rounding)."""
-  pairs = _ratios(spec, _scalar_ratios(ratio), groups)
-  out = None
-  for g, r in pairs:
+  out: dict | None = None  # the first group's folded flat variables, then edited group by group
+  for g, r in _ratios(spec, _scalar_ratios(ratio), groups):  # not empty: _map_bytes counted its maps
     pl, flat = _plan(variables, spec, {g.name: r}, **kwargs)
     out = dict(flat) if out is None else out
     out = dict(edit_members(out, spec, pl, _apply_roles(spec, out), False))
     pl = flat = None
-  if out is None:
-    return to_jax(unflatten(folded_flat(on_host(variables), spec)))
+  assert out is not None
   return to_jax(unflatten(out))
 
 

@@ -167,7 +167,7 @@ def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec
       k = len(axes_of[path])
       x = jnp.asarray(x, jnp.float32)
       x = x.reshape(-1, *x.shape[x.ndim - k:])  # (positions, contracted shape)
-      entry = {"sum": x.sum(0), "square": jnp.square(x).sum(0), "count": x.shape[0]}
+      entry = {"sum": x.sum(0), "square": jnp.square(x).sum(0), "count": jnp.asarray(x.shape[0])}
       if gram:
         fx = x.reshape(x.shape[0], -1)
         entry["gram"] = jnp.matmul(fx.T, fx, precision=jax.lax.Precision.HIGHEST)
@@ -175,8 +175,7 @@ def consumer_statistics(apply_fn: Callable[..., Any], variables: Variables, spec
         if path not in picks:
           picks[path] = np.sort(rng.choice(x.shape[0], size=min(samples, x.shape[0]), replace=False))
         entry["samples"] = jnp.moveaxis(x[picks[path]], 0, -1)
-      out[path] = {key: v for key, v in entry.items() if key != "count"}
-      out[path]["count"] = jnp.asarray(x.shape[0])
+      out[path] = entry
     return out
 
   compiled = {first: jax.jit(lambda v, *a, first=first: moments(v, *a, first=first)) for first in (True, False)}
@@ -234,6 +233,23 @@ def flap(stats: Statistics):
   return _score(stats, lambda w, st, nd: np.square(w) * st.laid_out(np.maximum(st.square - st.mean ** 2, 0), nd))
 
 
+def _cut(flat: Mapping[str, Any], spec: Spec, plan: Plan, arrays: Mapping[str, Any],
+         keep: Callable[[Any], Any]) -> dict[str, Any]:
+  """Kernel-shaped ``arrays`` (by kernel path, at the dense shapes) cut as the plan cuts the kernels, to the
+  entries ``keep(group plan)`` names, without fusing: flat, by path."""
+  selection = Plan({name: gp._replace(keep=keep(gp), transport=None, producer_map=None, consumer_map=None,
+                                      producer_shift=None) for name, gp in plan.items()}, plan.source_spec, None)
+  return flatten(apply_plan(unflatten({**flat, **arrays}), spec, selection))
+
+
+def _ridge_solve(gram: np.ndarray, rows: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
+  """``(G[rows, rows] + lam I)^-1 rhs`` with ``lam = ridge * mean(diag G[rows, rows])``: the least-squares fit on
+  the input features ``rows`` from their second moments ``gram``."""
+  g = gram[np.ix_(rows, rows)]
+  lam = ridge * max(float(np.mean(np.diag(g))), 1e-12)
+  return np.linalg.solve(g + lam * np.eye(len(rows)), rhs)
+
+
 def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Plan, stats: Statistics,
                     small_stats: Statistics | None = None) -> dict:
   """``small`` with every recorded consumer's bias corrected by what the plan removed (FLAP's compensation).
@@ -253,12 +269,6 @@ def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Pl
   def laid_out(st: Statistics, at: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {p: np.broadcast_to(st[p].laid_out(st[p].mean, np.ndim(at[p])), np.shape(at[p])) for p in paths}
 
-  def cut(arrays: Mapping[str, np.ndarray], keep: Callable[[Any], Any]) -> dict[str, Any]:
-    """Kernel-shaped arrays at the dense shapes, cut (not fused) to the entries ``keep(group plan)`` names."""
-    selection = Plan({name: gp._replace(keep=keep(gp), transport=None, producer_map=None, consumer_map=None,
-                                        producer_shift=None) for name, gp in plan.items()}, plan.source_spec, None)
-    return flatten(apply_plan(unflatten({**flat, **arrays}), spec, selection))
-
   means = laid_out(stats, flat)
   if small_stats is not None:
     missing = [p for p in paths if p not in small_stats]
@@ -268,14 +278,14 @@ def compensate_bias(small: Variables, variables: Variables, spec: Spec, plan: Pl
         np.shape(small_flat[p])[a] for a in stats[p].axes)]
     small_means = {p: small_stats[p].laid_out(small_stats[p].mean, np.ndim(small_flat[p])) for p in paths}
     if full:  # measured on keep_shapes variables: the m neurons sit in the first m slots
-      first = cut(laid_out(small_stats, flat), lambda gp: np.arange(gp.m, dtype=np.int32))
+      first = _cut(flat, spec, plan, laid_out(small_stats, flat), lambda gp: np.arange(gp.m, dtype=np.int32))
       small_means.update({p: first[p] for p in full})
   else:
     for name, gp in plan.items():
       if gp.keep is None:
         raise CalibrationError(f"group {name!r}: without small_stats, compensate_bias needs the plan's kept "
                                "neurons; the cluster_centroid target has none")
-    small_means = cut(means, lambda gp: gp.keep)
+    small_means = _cut(flat, spec, plan, means, lambda gp: gp.keep)
   for p in paths:
     bias = p[:-len("kernel")] + "bias"
     if bias not in small_flat:
@@ -329,14 +339,12 @@ def least_squares_merge(plan: Plan, variables: Variables, spec: Spec, stats: Sta
     if centered if centered is not None else has_bias:
       mu = st.mean[idx].astype(np.float64)
       g = g - np.outer(mu, mu)
-    gkk = g[np.ix_(keep, keep)]
-    lam = ridge * max(float(np.mean(np.diag(gkk))), 1e-12)
-    t = np.linalg.solve(gkk + lam * np.eye(len(keep)), g[keep])  # (m, n): column j regresses x_j on X_k
+    t = _ridge_solve(g, keep, g[keep], ridge)  # (m, n): column j regresses x_j on X_k
     t[:, keep] = np.eye(len(keep))
     select = np.zeros((len(keep), n), np.float32)
     select[np.arange(len(keep)), keep] = 1.0
     out[name] = gp._replace(producer_map=select, consumer_map=t.astype(np.float32), transport=None)
-  return Plan(out, plan.source_spec, getattr(plan, "_sizes", None), getattr(plan, "_ndims", None))
+  return Plan(out, plan.source_spec, plan._sizes, plan._ndims)
 
 
 def refit_consumers(small: Variables, variables: Variables, spec: Spec, plan: Plan, stats: Statistics, *,
@@ -364,9 +372,7 @@ def refit_consumers(small: Variables, variables: Variables, spec: Spec, plan: Pl
       raise CalibrationError("refit_consumers needs consumer_statistics(..., gram=True)")
     ids = np.arange(st.mean.size, dtype=np.float32).reshape(st.mean.shape)
     index[p] = np.broadcast_to(st.laid_out(ids, np.ndim(flat[p])), np.shape(flat[p]))
-  selection = Plan({name: gp._replace(transport=None, producer_map=None, consumer_map=None, producer_shift=None)
-                    for name, gp in plan.items()}, plan.source_spec, None)
-  cut = flatten(apply_plan(unflatten({**flat, **index}), spec, selection))
+  cut = _cut(flat, spec, plan, index, lambda gp: gp.keep)
   for p in paths:
     st = stats[p]
     axes = st.axes
@@ -385,9 +391,7 @@ def refit_consumers(small: Variables, variables: Variables, spec: Spec, plan: Pl
     mu = st.mean.reshape(-1).astype(np.float64)
     if use_center:
       g = g - np.outer(mu, mu)
-    gkk = g[np.ix_(kept, kept)]
-    lam = ridge * max(float(np.mean(np.diag(gkk))), 1e-12)
-    w_new = np.linalg.solve(gkk + lam * np.eye(kept.size), g[kept] @ dense_w)  # (F_kept, outputs)
+    w_new = _ridge_solve(g, kept, g[kept] @ dense_w, ridge)  # (F_kept, outputs)
     refit = np.moveaxis(w_new.reshape(small_shape), range(len(axes)), axes)
     small_flat[p] = jnp.asarray(refit.astype(np.float32), jnp.asarray(small_flat[p]).dtype)
     if use_center:
