@@ -152,36 +152,39 @@ def _random_tokens(tok, shape, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).choice(ids, shape).astype(np.int32)
 
 
-def run_cell(text: Text, module, spec, variables, example, target, sparsity, method, stats, solver="exact"):
-  names = target_groups(spec)[target]
-  ratio = {n: sparsity for n in names}
-  t0 = time.perf_counter()
-  opts: dict = {}
-  if method == "default":
-    opts = dict(method="default")
-  elif method == "if_bary":
-    opts = dict(normalization="barycentric")
-  elif method == "act":
+def prune(method: str, module, spec, variables, ratio, stats, calib_batches, solver: str = "exact"):
+  """``(plan, small variables)`` of ``method`` (see the module docstring) at ``ratio``; ``stats``:
+  :func:`ifjax.calibration.consumer_statistics` (with ``gram=True``) of the dense model on ``calib_batches``,
+  for the calibrated methods."""
+  opts: dict = {
+      "default": dict(method="default"),
+      "if_paper": dict(solver=solver),
+      "if_bary": dict(normalization="barycentric", solver=solver),
+  }.get(method, {})
+  if method in ("act", "act_ls"):
     opts = dict(method="default", importance=calibration.wanda(stats))
   elif method == "act_if":
-    opts = dict(normalization="barycentric", importance=calibration.wanda(stats),
+    opts = dict(normalization="barycentric", importance=calibration.wanda(stats), solver=solver,
                 features=stats.features(variables))
-  elif method == "act_ls":
-    opts = dict(method="default", importance=calibration.wanda(stats))
-  if method in ("if_paper", "if_bary", "act_if"):
-    opts["solver"] = solver
   plan = ifjax.plan(variables, spec, ratio, **opts)
   small = ifjax.apply_plan(variables, spec, plan)
-  small_apply = jax.jit(ifjax.resize(module.apply, variables, small, *example))
   if method == "act_ls":  # every consumer refitted by least squares (with the intercept where it has a bias)
     small = calibration.refit_consumers(small, variables, spec, plan, stats)
-  elif method in ("act", "act_if") and _has_consumer_bias(variables, spec, names):
+  elif method in ("act", "act_if") and _has_consumer_bias(variables, spec, list(ratio)):
     small_stats = None
     if method == "act_if":  # the fused neurons' own input means: the dense module on the zero-padded variables
       padded = ifjax.apply_plan(variables, spec, plan, keep_shapes=True)
-      small_stats = calibration.consumer_statistics(module.apply, padded, _sub_spec(spec, names),
-                                                    text.batches("calib"))
+      small_stats = calibration.consumer_statistics(module.apply, padded, _sub_spec(spec, list(ratio)),
+                                                    calib_batches)
     small = calibration.compensate_bias(small, variables, spec, plan, stats, small_stats)
+  return plan, small
+
+
+def run_cell(text: Text, module, spec, variables, example, target, sparsity, method, stats, solver="exact"):
+  t0 = time.perf_counter()
+  plan, small = prune(method, module, spec, variables, {n: sparsity for n in target_groups(spec)[target]}, stats,
+                      text.batches("calib"), solver)
+  small_apply = jax.jit(ifjax.resize(module.apply, variables, small, *example))
   plan_s = time.perf_counter() - t0
   removed = sum(gp.n - gp.m for gp in plan.values())
   t0 = time.perf_counter()

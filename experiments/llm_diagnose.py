@@ -31,14 +31,16 @@ import ifjax
 from ifjax import calibration, data
 
 import _report
+import llm
 
+# label -> experiments/llm.py's method
 METHODS = {
-    "default": dict(method="default"),
-    "if_paper": dict(),
-    "if_bary": dict(normalization="barycentric"),
+    "default": "default",
+    "if_paper": "if_paper",
+    "if_bary": "if_bary",
     "act (wanda)": "act",
     "act + IF act-cost": "act_if",
-    "act + LS merge": "act_ls",
+    "act + LS refit": "act_ls",
 }
 
 
@@ -78,25 +80,11 @@ def main(argv=None):
   groups = [g.name for g in spec.groups if g.name.endswith("/mlp/fc1")]
   layers = [g.split("/")[0] for g in groups]
   inputs = block_inputs(module, variables, ids, mask, layers)
-  sub = ifjax.Spec([spec[g] for g in groups])
-  stats = calibration.consumer_statistics(module.apply, variables, sub, [(ids, mask)], gram=True)
+  stats = calibration.consumer_statistics(module.apply, variables, ifjax.Spec([spec[g] for g in groups]),
+                                          [(ids, mask)], gram=True)
   ratio = {g: args.sparsity for g in groups}
-  small = {}
-  for label, opts in METHODS.items():
-    if isinstance(opts, dict):
-      pl = ifjax.plan(variables, spec, ratio, **opts)
-    else:
-      extra = dict(normalization="barycentric", features=stats.features(variables)) if opts == "act_if" else \
-          dict(method="default")
-      pl = ifjax.plan(variables, spec, ratio, importance=calibration.wanda(stats), **extra)
-      if opts == "act_ls":
-        pl = calibration.least_squares_merge(pl, variables, spec, stats)
-    sv = ifjax.apply_plan(variables, spec, pl)
-    if not isinstance(opts, dict):  # the calibrated methods: FLAP's bias compensation
-      padded = ifjax.apply_plan(variables, spec, pl, keep_shapes=True) if opts == "act_if" else None
-      small_stats = calibration.consumer_statistics(module.apply, padded, sub, [(ids, mask)]) if padded else None
-      sv = calibration.compensate_bias(sv, variables, spec, pl, stats, small_stats)
-    small[label] = (pl, sv)
+  small = {label: llm.prune(method, module, spec, variables, ratio, stats, [(ids, mask)])
+           for label, method in METHODS.items()}
 
   rows, report = [], {"command": "python " + " ".join(map(shlex.quote, sys.argv)), "layers": {}}
   for g, layer in zip(groups, layers):

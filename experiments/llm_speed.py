@@ -23,11 +23,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from llm import target_groups
 
 import ifjax
 
 import _report
+from llm import target_groups
 
 FIELDS = ("model", "mlp_sparsity", "params", "batch", "length", "seconds", "tokens_per_s", "speedup", "loadavg",
           "command")
