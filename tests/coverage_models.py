@@ -73,20 +73,33 @@ def merge_plan(n: int):
                          np.asarray(0))
 
 
-def planted(variables, spec, groups) -> dict:
-  """BN-folded ``variables`` in which neuron 1 of each of ``groups`` duplicates neuron 0 on every producer array."""
+def planted(variables, spec, groups, *, every_pair: bool = False) -> dict:
+  """BN-folded ``variables`` in which neuron 1 of each of ``groups`` duplicates neuron 0 on every producer array
+  (``every_pair``: neuron 2j + 1 duplicates neuron 2j, for every j)."""
   from flax import traverse_util
 
   import ifjax
   from ifjax._batchnorm import derived_bn
 
+  sizes = spec.validate(variables)
   flat = {k: np.array(a) for k, a in traverse_util.flatten_dict(ifjax.fold_batchnorm(variables, spec), sep="/").items()}
   for g in groups:
+    pairs = 2 * np.arange(sizes[g.name] // 2 if every_pair else 1)
     for m in list(g.producers) + [m for m, _ in derived_bn(spec, g) if m.path in flat]:
       x = np.array(m.neurons_first(flat[m.path]))
-      x[m.offset + 1] = x[m.offset]
+      x[m.offset + pairs + 1] = x[m.offset + pairs]
       flat[m.path] = np.asarray(m.restore(x))
   return traverse_util.unflatten_dict({k: jnp.asarray(a) for k, a in flat.items()}, sep="/")
+
+
+def pair_scores(sizes, groups, rng) -> dict:
+  """``{group: (n,) scores}`` that rank exactly one neuron of every pair (2j, 2j + 1) in the top half."""
+  scores = {}
+  for g in groups:
+    s = rng.uniform(0.1, 1.0, sizes[g.name])
+    s[2 * np.arange(sizes[g.name] // 2) + rng.integers(0, 2, sizes[g.name] // 2)] += 2.0
+    scores[g.name] = s
+  return scores
 
 
 def duplicate_errors(case: Case, spec) -> tuple[float, float]:

