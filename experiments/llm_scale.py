@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import resource
@@ -116,9 +117,8 @@ def main(argv=None):
                                                                                                   args.sparsity))
   row = dict(solver=args.solver, p=args.p, layers=args.layers, sparsity=args.sparsity, params=params,
              weights_gb=f"{nbytes / 1e9:.2f}", fuse_s=f"{fuse_s:.1f}", peak_rss_gb=f"{peak / 1e9:.2f}",
-             peak_over_weights=f"{peak / nbytes:.2f}", loadavg=" ".join(f"{x:.1f}" for x in __import__("os")
-                                                                       .getloadavg()),
-             cpus=f"{__import__('os').cpu_count()} ({platform.processor() or platform.machine()})")
+             peak_over_weights=f"{peak / nbytes:.2f}", loadavg=" ".join(f"{x:.1f}" for x in os.getloadavg()),
+             cpus=f"{os.cpu_count()} ({platform.processor() or platform.machine()})")
   print(row, flush=True)
   with _report.CsvAppender(args.out / "results.csv", FIELDS) as sink:
     sink.add(row)
